@@ -1,0 +1,121 @@
+"""The `mmdiff` command line: data, train, generate, caption, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="write webdataset shards").add_subparsers(dest="data_cmd", required=True)
+    shapes = data.add_parser("shapes", help="generate the built-in shapes dataset (train/ and val/ shards)")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--num", type=int, default=20000, help="total images, train + val")
+    shapes.add_argument("--image-size", type=int, default=32)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--val-fraction", type=float, default=0.1)
+    shapes.add_argument("--shard-size", type=int, default=1000)
+    folder = data.add_parser("folder", help="convert a folder of images with same-named .txt captions to shards")
+    folder.add_argument("--src", required=True)
+    folder.add_argument("--out", required=True)
+    folder.add_argument("--shard-size", type=int, default=1000)
+
+
+def _add_sampling(sub) -> None:
+    gen = sub.add_parser("generate", help="text -> image with a saved pipeline folder")
+    gen.add_argument("--model", required=True, help="a saved pipeline folder")
+    gen.add_argument("--prompt", action="append", default=[], help="repeatable; '' samples unconditionally")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--out", default="outputs/generate")
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=3.0)
+    gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
+    gen.add_argument("--guidance-rescale", type=float, default=0.0)
+    gen.add_argument("--num-images-per-prompt", type=int, default=1)
+    gen.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--grid", action="store_true", help="also write one image grid (prompts x samples)")
+    gen.add_argument("--device", default=None)
+
+    cap = sub.add_parser("caption", help="image -> text with a saved pipeline folder")
+    cap.add_argument("--model", required=True)
+    cap.add_argument("images", nargs="*", help="image files")
+    cap.add_argument("--shards", help="caption the first --num images of these shards instead")
+    cap.add_argument("--num", type=int, default=16)
+    cap.add_argument("--prompt", help="fixed prefix, or a template with the tokenizer's mask token as blanks")
+    cap.add_argument("--steps", type=int, default=None)
+    cap.add_argument("--guidance-scale", type=float, default=2.0)
+    cap.add_argument("--remasking", choices=["low_confidence", "random"], default=None)
+    cap.add_argument("--temperature", type=float, default=None)
+    cap.add_argument("--max-length", type=int, default=None)
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--out", default="outputs/captions.json", help=".json or .txt")
+    cap.add_argument("--device", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_data(sub)
+    train = sub.add_parser("train", help="train the shared DiT (and the tokenizer / tiny VAE stages first)")
+    train.add_argument("config", help="a YAML config, e.g. configs/shapes_tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    _add_sampling(sub)
+    demo = sub.add_parser("demo", help="shapes data -> train the tiny config -> images and captions in outputs/")
+    demo.add_argument("--out", default="outputs")
+    demo.add_argument("--work", default="runs/demo", help="where data, checkpoints and logs go")
+    demo.add_argument("--minutes", type=float, default=4.0, help="DiT training budget")
+    demo.add_argument("--num-images", type=int, default=20000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "data":
+            return _data(args)
+        if args.cmd == "train":
+            from .config import load_config
+            from .training.trainer import train
+
+            summary = train(load_config(args.config, args.overrides), resume=args.resume)
+            print(json.dumps(summary, indent=1))
+            return 0
+        if args.cmd == "generate":
+            from .sampling import generate_command
+
+            return generate_command(args)
+        if args.cmd == "caption":
+            from .sampling import caption_command
+
+            return caption_command(args)
+        if args.cmd == "demo":
+            from .demo import run_demo
+
+            run_demo(Path(args.out), Path(args.work), args.minutes, args.num_images)
+            return 0
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"mmdiff {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _data(args) -> int:
+    if args.data_cmd == "shapes":
+        from .data.shapes import write_shapes_shards
+
+        stats = write_shapes_shards(args.out, args.num, args.image_size, args.seed, args.val_fraction, args.shard_size)
+    else:
+        from .data.folder import convert_folder
+
+        stats = convert_folder(args.src, args.out, shard_size=args.shard_size)
+    print(json.dumps(stats, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Transformer building blocks shared by the MMDiT backbone and its context encoders."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import attention
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x: (N, T, D); shift, scale: (N, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with one fused QKV projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, H, T, d)
+        out = attention(qkv[0], qkv[1], qkv[2], key_mask)  # (N, H, T, d)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to a context sequence; keys/values can be computed once and reused across sampling steps."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context: (N, S, D) -> keys and values, each (N, H, S, d)."""
+        n, s, d = context.shape
+        kv = self.kv(context).view(n, s, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # (N, H, T, d)
+        out = attention(q, kv[0], kv[1], key_mask)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer layer (self-attention + MLP) for the context encoders."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attention over the noisy stream, cross-attention to the context, MLP.
+
+    The conditioning vector (timestep + task) modulates the self-attention and MLP branches and gates them; the gates
+    start at zero so every block is the identity at initialisation (DiT).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        context_kv: tuple[torch.Tensor, torch.Tensor],
+        context_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x: (N, T, D) noisy stream; cond: (N, D); context_kv: 2 x (N, H, S, d); context_mask: (N, S) bool."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(self.norm_cross(x), context_kv, context_mask)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm followed by a linear head (zero-initialised)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))

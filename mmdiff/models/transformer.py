@@ -1,0 +1,262 @@
+"""MMDiT: one diffusion transformer for both directions between images and text.
+
+The same blocks denoise either stream, chosen by the input: float latents (N, C, H, W) are the image task, integer
+token ids (N, L) are the text task. Each stream cross-attends to a context sequence (text for images, image for text)
+with a key padding mask; a learned null context stands in when the condition is dropped. The model returns raw
+predictions only: noise processes, losses and guidance live in `mmdiff.diffusion` (DESIGN.md, decision 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from diffusers.models.modeling_utils import ModelMixin
+
+from .blocks import DiTBlock, EncoderBlock, FinalLayer
+
+TASK_IMAGE, TASK_TEXT = 0, 1
+CONTEXT_KINDS = ("text", "image")
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (N, D): sinusoidal features of 1000 t, then an MLP (DiT)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = get_timestep_embedding(t * 1000.0, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.mlp(freqs.to(self.mlp[0].weight.dtype))
+
+
+class MMDiTModel(ModelMixin, ConfigMixin):
+    """Shared DiT backbone with image and text heads, a joint text context encoder and an image context encoder.
+
+    Args:
+        sample_size: latent height/width the model is trained at (sets the positional embedding's base grid).
+        in_channels: latent channels.
+        patch_size: latent patch size.
+        vocab_size: caption vocabulary (the tokenizer's length, mask and pad included).
+        max_text_length: caption length L in tokens.
+        hidden_size, depth, num_heads, mlp_ratio: backbone shape.
+        text_encoder_depth: layers of the jointly trained text context encoder (shares the token embedding).
+        image_encoder_depth: layers over the patch-embedded clean latents that form the image context.
+        null_context_length: tokens in each learned null context.
+        external_text_dim: width of a frozen pretrained text encoder's hidden states; when set, text contexts come
+            from `encode_external_text` (a projection) instead of the joint encoder.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 8,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        vocab_size: int = 64,
+        max_text_length: int = 32,
+        hidden_size: int = 256,
+        depth: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        text_encoder_depth: int = 2,
+        image_encoder_depth: int = 1,
+        null_context_length: int = 1,
+        external_text_dim: int | None = None,
+    ):
+        super().__init__()
+        d, p = hidden_size, patch_size
+        self.gradient_checkpointing = False
+        self.t_embedder = TimestepEmbedder(d)
+        self.task_embed = nn.Embedding(2, d)
+
+        # noisy streams
+        self.patch_embed = nn.Conv2d(in_channels, d, kernel_size=p, stride=p)
+        self.token_embed = nn.Embedding(vocab_size, d)  # shared by the noisy text stream and the text encoder
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, max_text_length, d))
+
+        # contexts
+        self.context_text_pos_embed = nn.Parameter(torch.zeros(1, max_text_length, d))
+        self.text_encoder_blocks = nn.ModuleList(
+            EncoderBlock(d, num_heads, mlp_ratio) for _ in range(text_encoder_depth)
+        )
+        self.text_context_norm = nn.LayerNorm(d)
+        self.external_text_proj = nn.Linear(external_text_dim, d) if external_text_dim else None
+        self.image_context_embed = nn.Conv2d(in_channels, d, kernel_size=p, stride=p)
+        self.image_encoder_blocks = nn.ModuleList(
+            EncoderBlock(d, num_heads, mlp_ratio) for _ in range(image_encoder_depth)
+        )
+        self.image_context_norm = nn.LayerNorm(d)
+        self.null_text_context = nn.Parameter(torch.zeros(null_context_length, d))
+        self.null_image_context = nn.Parameter(torch.zeros(null_context_length, d))
+
+        self.blocks = nn.ModuleList(DiTBlock(d, num_heads, mlp_ratio) for _ in range(depth))
+        self.image_head = FinalLayer(d, p * p * in_channels)
+        self.text_head = FinalLayer(d, vocab_size)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        for conv in (self.patch_embed, self.image_context_embed):
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias)
+        for param in (self.token_embed.weight, self.text_pos_embed, self.context_text_pos_embed):
+            nn.init.normal_(param, std=0.02)
+        for param in (self.null_text_context, self.null_image_context):
+            nn.init.normal_(param, std=0.02)
+        nn.init.normal_(self.task_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and both heads predict zeros
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for head in (self.image_head, self.text_head):
+            for layer in (head.adaLN_modulation[-1], head.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    # ---------------------------------------------------------------- contexts
+
+    def _image_pos_embed(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+        """Fixed 2D sin-cos embedding (1, h*w, D) for a patch grid, cached per shape/device/dtype."""
+        key = (grid_h, grid_w, like.device, like.dtype)
+        if key not in self._pos_cache:
+            base = self.config.sample_size // self.config.patch_size
+            pos = get_2d_sincos_pos_embed(
+                self.config.hidden_size, (grid_h, grid_w), base_size=base, interpolation_scale=1.0, output_type="pt"
+            )
+            self._pos_cache[key] = pos.to(device=like.device, dtype=like.dtype)[None]
+        return self._pos_cache[key]
+
+    def _patchify(self, embed: nn.Conv2d, latents: torch.Tensor) -> torch.Tensor:
+        x = embed(latents)  # (N, D, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (N, h*w, D)
+        return x + self._image_pos_embed(h, w, x)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint text context encoder. input_ids: (N, L); attention_mask: (N, L), 1 on real tokens.
+
+        Returns the context (N, L, D) and its key mask (N, L) bool.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        mask = attention_mask.bool()
+        x = self.token_embed(input_ids) + self.context_text_pos_embed[:, : input_ids.shape[1]]
+        for block in self.text_encoder_blocks:
+            x = block(x, mask)
+        return self.text_context_norm(x), mask
+
+    def encode_external_text(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project a frozen text encoder's hidden states (N, S, E) into context space (N, S, D)."""
+        if self.external_text_proj is None:
+            raise ValueError("this model was built without external_text_dim; it has no frozen-encoder projection")
+        return self.text_context_norm(self.external_text_proj(hidden_states)), attention_mask.bool()
+
+    def encode_image(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image context from clean scaled latents (N, C, H, W): (N, S, D) with S = H*W/p^2, and an all-True mask."""
+        x = self._patchify(self.image_context_embed, latents)
+        for block in self.image_encoder_blocks:
+            x = block(x)
+        x = self.image_context_norm(x)
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def null_context(self, kind: str, batch_size: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned null context for `kind` ("text" or "image"), right-padded to `length` tokens.
+
+        Returns (N, length, D) and its key mask (N, length).
+        """
+        if kind not in CONTEXT_KINDS:
+            raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
+        null = self.null_text_context if kind == "text" else self.null_image_context
+        n_null = null.shape[0]
+        length = max(length or n_null, n_null)
+        context = null.new_zeros(batch_size, length, null.shape[1])
+        context[:, :n_null] = null
+        mask = torch.zeros(batch_size, length, dtype=torch.bool, device=null.device)
+        mask[:, :n_null] = True
+        return context, mask
+
+    def drop_context(
+        self, context: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, kind: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace the rows where `drop_ids` (N,) is True with the null context (condition dropout / CFG)."""
+        null, null_mask = self.null_context(kind, context.shape[0], context.shape[1])
+        if null.shape[1] > context.shape[1]:  # a context shorter than the null context: pad it
+            pad = null.shape[1] - context.shape[1]
+            context = torch.nn.functional.pad(context, (0, 0, 0, pad))
+            mask = torch.nn.functional.pad(mask, (0, pad), value=False)
+        keep = ~drop_ids.bool()
+        context = torch.where(keep[:, None, None], context, null.to(context.dtype))
+        return context, torch.where(keep[:, None], mask, null_mask)
+
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of every block for a context (N, S, D); compute once per sampling call."""
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
+
+    # ---------------------------------------------------------------- denoising
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Raw prediction for one noisy stream.
+
+        Args:
+            sample: noisy latents (N, C, H, W) float -> image task, or partly masked token ids (N, L) int -> text task.
+            timestep: noise level t in [0, 1], (N,) or a scalar.
+            context: (N, S, D) cross-attention context (from `encode_text`/`encode_image`/`null_context`).
+            context_mask: (N, S) bool key padding mask.
+            context_kv: precomputed `context_kv(context)`; when given, `context` is not needed.
+        Returns:
+            image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
+        """
+        is_text = not torch.is_floating_point(sample)
+        n = sample.shape[0]
+        if is_text:
+            x = self.token_embed(sample) + self.text_pos_embed[:, : sample.shape[1]]  # (N, L, D)
+        else:
+            x = self._patchify(self.patch_embed, sample)  # (N, T, D)
+        t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
+        task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
+        cond = self.t_embedder(t) + self.task_embed(task)  # (N, D)
+        if context_kv is None:
+            if context is None:
+                raise ValueError("forward needs a context or precomputed context_kv")
+            context_kv = self.context_kv(context)
+        for block, kv in zip(self.blocks, context_kv, strict=True):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, cond, kv, context_mask)
+            else:
+                x = block(x, cond, kv, context_mask)
+        if is_text:
+            return self.text_head(x, cond)  # (N, L, V)
+        return self._unpatchify(self.image_head(x, cond), sample.shape[-2], sample.shape[-1])
+
+    def _unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        p, c = self.config.patch_size, self.config.in_channels
+        h, w = height // p, width // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)

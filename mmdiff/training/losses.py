@@ -1,0 +1,117 @@
+"""The joint training objective: both directions on the same image-caption pairs with condition dropout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..diffusion.gaussian import image_loss, noise_latents, sample_timesteps, timestep_to_t
+from ..diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
+from ..models.transformer import MMDiTModel
+
+
+@dataclass
+class LossWeights:
+    image: float = 1.0
+    text: float = 1.0
+    image_cond_drop: float = 0.1
+    text_cond_drop: float = 0.1
+    mask_eps: float = 1e-3
+
+
+def drop_ids(batch_size: int, p: float, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N,) bool: which samples lose their condition this step."""
+    if p <= 0:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return torch.rand(batch_size, device=device, generator=generator) < p
+
+
+def joint_losses(
+    model: MMDiTModel,
+    latents: torch.Tensor,
+    input_ids: torch.Tensor,
+    pad_token_id: int,
+    mask_token_id: int,
+    noise_scheduler: DDPMScheduler,
+    weights: LossWeights,
+    text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One step's losses for text -> image (Gaussian) and image -> text (MDLM).
+
+    Args:
+        latents: (N, C, H, W) clean scaled VAE latents z0. input_ids: (N, L) clean caption ids, pad-filled.
+        text_context: a frozen encoder's projected context and mask, (N, S, D) and (N, S); None uses the joint
+            text encoder on `input_ids`.
+        generator: makes noise, timesteps and dropout reproducible (evaluation on a fixed batch).
+    Returns:
+        {"loss", "loss_image", "loss_text"}; "loss" is the weighted sum that is back-propagated.
+    """
+    n, device = latents.shape[0], latents.device
+
+    # text -> image: the caption is the context, dropped to the null context with p = image_cond_drop
+    if text_context is None:
+        text_context = model.encode_text(input_ids, input_ids != pad_token_id)
+    context, context_mask = model.drop_context(
+        *text_context, drop_ids(n, weights.image_cond_drop, device, generator), "text"
+    )
+    timesteps = sample_timesteps(n, noise_scheduler.config.num_train_timesteps, device, generator)
+    noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
+    noisy, target = noise_latents(noise_scheduler, latents, noise, timesteps)
+    t_image = timestep_to_t(timesteps, noise_scheduler.config.num_train_timesteps).to(device)
+    loss_image = image_loss(model(noisy, t_image, context, context_mask), target)
+
+    # image -> text: the clean latents are the context, dropped with p = text_cond_drop
+    image_context = model.encode_image(latents)
+    context, context_mask = model.drop_context(
+        *image_context, drop_ids(n, weights.text_cond_drop, device, generator), "image"
+    )
+    t_text = sample_mask_levels(n, weights.mask_eps, device, generator)
+    masked_ids, is_masked = mask_tokens(input_ids, t_text, mask_token_id, generator)
+    logits = suppress_mask_logit(model(masked_ids, t_text, context, context_mask), mask_token_id)
+    loss_text = mdlm_loss(logits, input_ids, is_masked, t_text)
+
+    loss = weights.image * loss_image + weights.text * loss_text
+    return {"loss": loss, "loss_image": loss_image.detach(), "loss_text": loss_text.detach()}
+
+
+class JointObjective(torch.nn.Module):
+    """The model and its objective as one module, so that a DDP/FSDP wrapper sees every parameter in `forward`."""
+
+    def __init__(
+        self,
+        model: MMDiTModel,
+        noise_scheduler: DDPMScheduler,
+        weights: LossWeights,
+        pad_token_id: int,
+        mask_token_id: int,
+    ):
+        super().__init__()
+        self.model = model
+        self.noise_scheduler = noise_scheduler
+        self.weights = weights
+        self.pad_token_id = pad_token_id
+        self.mask_token_id = mask_token_id
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        input_ids: torch.Tensor,
+        frozen_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """frozen_text: a frozen encoder's raw hidden states (N, S, E) and mask (N, S), projected here."""
+        text_context = self.model.encode_external_text(*frozen_text) if frozen_text is not None else None
+        return joint_losses(
+            self.model,
+            latents,
+            input_ids,
+            self.pad_token_id,
+            self.mask_token_id,
+            self.noise_scheduler,
+            self.weights,
+            text_context=text_context,
+            generator=generator,
+        )

@@ -1,0 +1,404 @@
+"""Shapes generation, folder conversion and the webdataset loader (including bad-record accounting)."""
+
+import hashlib
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmdiff.data.folder import convert_folder
+from mmdiff.data.loader import (
+    SkipStats,
+    expand_urls,
+    iterate_records,
+    make_dataloader,
+    prepare_image,
+    read_captions,
+    to_rgb,
+)
+from mmdiff.data.shapes import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    object_extent,
+    parse_caption,
+    render_scene,
+    scene_from_attributes,
+    write_shapes_shards,
+)
+from mmdiff.data.tokenizer import decode_captions, train_word_level_tokenizer
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    stats = write_shapes_shards(out, 300, image_size=32, seed=0, val_fraction=0.1, shard_size=100)
+    return out, stats
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    rng = random.Random(123)
+    return [render_scene(rng, 32) for _ in range(400)]
+
+
+@pytest.fixture(scope="module")
+def word_tok(shapes_dir):
+    return train_word_level_tokenizer(read_captions(str(shapes_dir[0] / "train")))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _tar_members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_shapes_shards_layout_and_stats(shapes_dir):
+    out, stats = shapes_dir
+    assert stats["train"]["count"] == 270 and stats["val"]["count"] == 30
+    assert [p.rsplit("/", 1)[1] for p in stats["train"]["shards"]] == [f"shard-{i:06d}.tar" for i in range(3)]
+    assert stats["val"]["shards"] == [str(out / "val" / "shard-000000.tar")]
+    members = _tar_members(stats["train"]["shards"][0])
+    assert len(members) == 300 and {n.rsplit(".", 1)[1] for n in members} == {"png", "txt", "json"}
+    name = sorted(members)[0].rsplit(".", 1)[0]
+    attrs = json.loads(members[f"{name}.json"])
+    assert members[f"{name}.txt"].decode() in attrs["captions"]
+    assert Image.open(io.BytesIO(members[f"{name}.png"])).size == (32, 32)
+
+
+def test_shapes_shards_deterministic_per_seed(tmp_path):
+    def shard_bytes(folder, seed):
+        stats = write_shapes_shards(folder, 40, image_size=32, seed=seed, shard_size=15)
+        return [open(p, "rb").read() for split in ("train", "val") for p in stats[split]["shards"]]
+
+    first = shard_bytes(tmp_path / "a", 0)
+    assert first == shard_bytes(tmp_path / "b", 0)
+    assert first != shard_bytes(tmp_path / "c", 1)
+    # Rewriting a folder with fewer samples leaves no stale shard behind.
+    write_shapes_shards(tmp_path / "a", 10, image_size=32, seed=0, shard_size=15)
+    assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir()) == ["shard-000000.tar"]
+
+
+def test_train_and_val_share_no_image(shapes_dir):
+    out, stats = shapes_dir
+    hashes = {}
+    for split in ("train", "val"):
+        for path in stats[split]["shards"]:
+            for name, data in _tar_members(path).items():
+                if name.endswith(".png"):
+                    hashes.setdefault(split, []).append(hashlib.sha1(data).hexdigest())
+    assert len(hashes["train"]) == 270 and len(hashes["val"]) == 30
+    assert len(set(hashes["train"]) | set(hashes["val"])) == 300
+
+
+def test_scene_attribute_coverage(scenes):
+    objects = [o for _, a in scenes for o in a["objects"]]
+    assert {o["color"] for o in objects} == set(COLORS) and len(COLORS) >= 6
+    assert {o["shape"] for o in objects} == set(SHAPES) == {"circle", "square", "triangle"}
+    assert {o["size"] for o in objects} == set(SIZES) == {"small", "large"}
+    assert {a["relation"] for _, a in scenes if a["relation"]} == set(RELATIONS)
+    assert {len(a["objects"]) for _, a in scenes} == {1, 2}
+    rgb = list(COLORS.values())
+    gaps = [np.abs(np.subtract(a, b)).sum() for i, a in enumerate(rgb) for b in rgb[i + 1 :]]
+    assert min(gaps) >= 100
+    assert object_extent("large", 32) > object_extent("small", 32) + 3
+
+
+def test_objects_inside_canvas_apart_and_relation_unambiguous(scenes):
+    for image, attrs in scenes:
+        assert image.size == (32, 32) and image.mode == "RGB"
+        arr = np.asarray(image).astype(int)
+        boxes = []
+        for obj in attrs["objects"]:
+            (cx, cy), ext = obj["center"], obj["extent"]
+            assert ext == object_extent(obj["size"], 32)
+            x0, y0 = cx - ext / 2, cy - ext / 2
+            assert x0 >= 1 and y0 >= 1 and x0 + ext <= 31 and y0 + ext <= 31
+            boxes.append((x0, y0, ext))
+            # The pixel at the box centre lies inside every shape and carries the object's exact colour.
+            assert np.abs(arr[int(cy), int(cx)] - np.array(COLORS[obj["color"]])).max() <= 2
+        if len(boxes) == 2:
+            (ax, ay, ae), (bx, by, be) = boxes
+            assert ax + ae + 2 <= bx or bx + be + 2 <= ax or ay + ae + 2 <= by or by + be + 2 <= ay
+            dx = attrs["objects"][1]["center"][0] - attrs["objects"][0]["center"][0]
+            dy = attrs["objects"][1]["center"][1] - attrs["objects"][0]["center"][1]
+            horizontal, vertical = abs(dx) >= 2 * abs(dy), abs(dy) >= 2 * abs(dx)
+            expected = {"left of": horizontal and dx > 0, "right of": horizontal and dx < 0}
+            expected |= {"above": vertical and dy > 0, "below": vertical and dy < 0}
+            assert expected[attrs["relation"]], attrs
+        # Corners are background: nothing is drawn outside the objects.
+        assert arr[0, 0].tolist() == [255, 255, 255]
+
+
+def test_parse_caption_round_trips_every_phrasing(scenes):
+    for _, attrs in scenes:
+        target = scene_from_attributes(attrs)
+        assert attrs["canonical"] == attrs["captions"][0]
+        assert len(attrs["captions"]) >= 3
+        for caption in attrs["captions"]:
+            assert parse_caption(caption) == target, caption
+            assert parse_caption("  " + caption.upper().replace(" ", "   ") + ". ") == target
+        json.dumps(attrs)
+
+
+def test_parse_caption_normalises_relation_and_rejects_garbage():
+    a = parse_caption("a small red circle above a large blue square")
+    assert a == parse_caption("A large blue square below a small red circle")
+    assert a == parse_caption("there is a large blue square below a small red circle")
+    assert a["relation"] == "above" and a["objects"][0] == {"shape": "circle", "color": "red", "size": "small"}
+    assert parse_caption("a small red circle right of a large blue square") == parse_caption(
+        "a large blue square left of a small red circle"
+    )
+    assert a != parse_caption("a small red circle below a large blue square")
+    assert parse_caption("a small red circle") == {
+        "objects": [{"shape": "circle", "color": "red", "size": "small"}],
+        "relation": None,
+    }
+    for bad in ("", "a red circle", "a small red", "a huge red circle", "a small red circle above", "cat"):
+        assert parse_caption(bad) is None, bad
+
+
+def test_loader_reads_shapes_shards(shapes_dir, word_tok):
+    out, _ = shapes_dir
+    loader = make_dataloader(str(out / "train"), word_tok, 32, 24, 16, repeat=False, drop_last=False, seed=0)
+    keys, total = [], 0
+    for batch in loader:
+        b = batch["pixel_values"].shape[0]
+        assert batch["pixel_values"].shape == (b, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+        assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+        assert batch["input_ids"].shape == (b, 24) and batch["input_ids"].dtype == torch.long
+        assert batch["skips"] == {}
+        assert decode_captions(word_tok, batch["input_ids"]) == batch["captions"]
+        assert all(parse_caption(c) is not None for c in batch["captions"])
+        keys += batch["keys"]
+        total += b
+    assert total == 270 and len(set(keys)) == 270
+    records = {key: (caption, image) for key, image, caption, _ in iterate_records(str(out / "val"))}
+    stored = {key: caption for key, (caption, _) in records.items()}
+    val = str(out / "val")
+    random_batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0)))
+    assert random_batch["keys"] == list(stored)
+    txt_batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, caption_choice="txt", repeat=False)))
+    assert dict(zip(txt_batch["keys"], txt_batch["captions"])) == stored
+    # Random phrasings describe the same scene as the stored caption, and do not always repeat it.
+    assert [parse_caption(c) for c in random_batch["captions"]] == [parse_caption(c) for c in stored.values()]
+    assert random_batch["captions"] != list(stored.values())
+    # Pixels are exactly the stored image: no flip, no resampling at the native size.
+    for key, pixels in zip(random_batch["keys"], random_batch["pixel_values"]):
+        stored_pixels = torch.from_numpy(np.array(records[key][1])).permute(2, 0, 1) / 127.5 - 1
+        assert torch.equal(pixels, stored_pixels)
+        assert torch.equal(prepare_image(records[key][1], 32), stored_pixels)
+
+
+def test_loader_deterministic_for_seed(shapes_dir, word_tok):
+    urls = str(shapes_dir[0] / "train")
+
+    def first_keys(seed, workers=0):
+        loader = make_dataloader(urls, word_tok, 32, 24, 8, num_workers=workers, seed=seed, shuffle_buffer=50)
+        out, it = [], iter(loader)
+        for _ in range(40):
+            batch = next(it)
+            out += zip(batch["keys"], batch["captions"])
+        return out
+
+    run = first_keys(0)
+    assert run == first_keys(0)
+    assert run != first_keys(1)
+    # 320 samples from a 270-sample split: the stream repeats endlessly with a new epoch order.
+    assert len(run) == 320 and len({k for k, _ in run}) == 270
+
+
+def _bad_shards(tmp_path):
+    good = _png(Image.new("RGB", (40, 24), (10, 200, 30)))
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))
+    palette = Image.new("P", (32, 32), 3)
+    gray16 = Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16))
+    records = [
+        ("good_rgb", {"png": good, "txt": b"a green box"}),
+        ("corrupt", {"png": good[:60] + b"\x00" * 40, "txt": b"a broken image"}),
+        ("badutf8", {"png": good, "txt": b"\xff\xfe\xfa bad"}),
+        ("empty", {"png": good, "txt": b"  \n "}),
+        ("noimage", {"txt": b"caption without image"}),
+        ("nocaption", {"png": good}),
+        ("good_rgba", {"png": _png(rgba), "txt": b"a transparent image"}),
+        ("good_p", {"jpg": _png(palette), "txt": b"a palette image"}),
+        ("good_i16", {"png": _png(gray16), "txt": b"a sixteen bit image"}),
+        ("long", {"png": good, "txt": b"a very long caption with many many words in it"}),
+    ]
+    _write_tar(tmp_path / "bad-000000.tar", [(f"{k}.{e}", d) for k, r in records for e, d in r.items()])
+    for prefix in "tu":
+        _write_tar(
+            tmp_path / f"{prefix}.tar",
+            [(f"{prefix}{i}.{e}", d) for i in range(3) for e, d in (("png", good), ("txt", b"a box"))],
+        )
+    # Cut inside the last image: the two complete records survive, the rest of the shard is counted once.
+    data = (tmp_path / "t.tar").read_bytes()
+    (tmp_path / "bad-000001.tar").write_bytes(data[: data.find(b"t2.png") + 512 + 100])
+    # Cut inside a header, where tarfile itself stops silently: the record in progress (u1) may be incomplete.
+    data = (tmp_path / "u.tar").read_bytes()
+    (tmp_path / "bad-000002.tar").write_bytes(data[: data.find(b"u2.png") + 100])
+    return str(tmp_path / "bad-{000000..000002}.tar")
+
+
+EXPECTED_SKIPS = {
+    "corrupt_image": 1,
+    "bad_utf8": 1,
+    "empty_caption": 1,
+    "no_image": 1,
+    "no_caption": 1,
+    "corrupt_tar": 2,
+    "truncated": 1,
+}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_records_skipped_and_counted(tmp_path, workers):
+    urls = _bad_shards(tmp_path)
+    tok = train_word_level_tokenizer(["a green box transparent palette image sixteen bit very long caption"])
+    loader = make_dataloader(urls, tok, 16, 6, 3, num_workers=workers, repeat=False, drop_last=False)
+    stats, samples = SkipStats(), {}
+    for batch in loader:
+        stats.accumulate(batch["skips"])
+        for key, caption, pixels in zip(batch["keys"], batch["captions"], batch["pixel_values"]):
+            samples[key] = (caption, pixels)
+    assert stats.as_dict() == EXPECTED_SKIPS
+    assert stats.total == 8 and "corrupt_tar=2" in stats.summary()
+    assert set(samples) == {"good_rgb", "good_rgba", "good_p", "good_i16", "long", "t0", "t1", "u0"}
+    assert samples["long"][0] == "a very long caption with many many words in it"
+    assert torch.allclose(samples["good_rgba"][1], torch.ones(3, 16, 16))
+    assert torch.allclose(samples["good_i16"][1], torch.ones(3, 16, 16))
+    green = torch.tensor([10, 200, 30]) / 127.5 - 1
+    assert torch.allclose(samples["good_rgb"][1][:, 8, 8], green, atol=0.02)
+
+
+def _collect(urls, tok, workers):
+    loader = make_dataloader(urls, tok, 16, 6, 2, num_workers=workers, repeat=False, drop_last=False)
+    stats, keys = SkipStats(), []
+    for batch in loader:
+        stats.accumulate(batch["skips"])
+        keys += batch["keys"]
+    return stats.as_dict(), sorted(keys)
+
+
+def test_skip_counts_when_workers_share_a_shard(tmp_path):
+    # With fewer shards than workers every worker reads the shard and keeps every n-th record.
+    _bad_shards(tmp_path)
+    tok = train_word_level_tokenizer(["a green box"])
+    skips, keys = _collect(str(tmp_path / "bad-000000.tar"), tok, 2)
+    assert skips == {k: v for k, v in EXPECTED_SKIPS.items() if k != "corrupt_tar"}
+    assert keys == ["good_i16", "good_p", "good_rgb", "good_rgba", "long"]
+    assert _collect(str(tmp_path / "bad-000001.tar"), tok, 2) == ({"corrupt_tar": 1}, ["t0", "t1"])
+
+
+def test_bad_records_in_endless_stream(tmp_path):
+    urls = _bad_shards(tmp_path)
+    tok = train_word_level_tokenizer(["a green box"])
+    loader = make_dataloader(urls, tok, 16, 6, 4, shuffle_buffer=4, seed=3)
+    stats, it = SkipStats(), iter(loader)
+    for _ in range(8):  # 32 samples = 4 passes over the 8 good records
+        batch = next(it)
+        assert batch["pixel_values"].shape == (4, 3, 16, 16)
+        stats.accumulate(batch["skips"])
+    assert stats.counts["corrupt_tar"] >= 3 and stats.counts["corrupt_image"] >= 3
+    assert set(stats.counts) == set(EXPECTED_SKIPS)
+
+
+def test_endless_stream_without_valid_records_fails_clearly(tmp_path):
+    _write_tar(tmp_path / "bad.tar", [("a.png", b"not a png"), ("a.txt", b"caption"), ("b.txt", b"")])
+    loader = make_dataloader(str(tmp_path / "bad.tar"), train_word_level_tokenizer(["caption"]), 16, 4, 2)
+    with pytest.raises(RuntimeError, match="no valid sample"):
+        next(iter(loader))
+
+
+def test_to_rgb_modes():
+    assert to_rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("RGBA", (2, 2), (255, 0, 0, 255))).getpixel((0, 0)) == (255, 0, 0)
+    half = to_rgb(Image.new("RGBA", (2, 2), (0, 0, 0, 128))).getpixel((0, 0))
+    assert all(120 <= c <= 130 for c in half)
+    p = Image.new("P", (2, 2), 1)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    assert to_rgb(p).getpixel((0, 0)) == (0, 255, 0)
+    p.info["transparency"] = 1
+    assert to_rgb(p).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+    i16 = Image.fromarray(np.full((2, 2), 257 * 100, dtype=np.uint16))
+    assert to_rgb(i16).getpixel((0, 0)) == (100, 100, 100)
+    assert to_rgb(Image.new("F", (2, 2), 0.5)).getpixel((0, 0)) == (128, 128, 128)
+    wide = prepare_image(Image.new("RGB", (60, 20), (0, 0, 0)), 16)
+    assert wide.shape == (3, 16, 16) and torch.allclose(wide, -torch.ones(3, 16, 16))
+
+
+def test_expand_urls(tmp_path):
+    for i in range(3):
+        _write_tar(tmp_path / f"shard-{i:06d}.tar", [(f"k{i}.txt", b"x")])
+    names = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(3)]
+    assert expand_urls(str(tmp_path / "shard-{000000..000002}.tar")) == names
+    assert expand_urls(str(tmp_path)) == names
+    assert expand_urls(f"{names[2]},{names[0]}") == [names[2], names[0]]
+    assert expand_urls(names[1:]) == names[1:]
+    assert expand_urls(str(tmp_path / "shard-*.tar")) == names
+    missing = str(tmp_path / "shard-{000000..000005}.tar")
+    with pytest.raises(FileNotFoundError, match="shard-\\{000000..000005\\}"):
+        expand_urls(missing)
+    with pytest.raises(FileNotFoundError, match="nothing-\\*"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        expand_urls(str(tmp_path / "empty"))
+    with pytest.raises(ValueError):
+        expand_urls([])
+
+
+def test_convert_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub dir").mkdir(parents=True)
+    Image.new("RGB", (20, 30), (255, 0, 0)).save(src / "red.png")
+    (src / "red.txt").write_text("a red image\n")
+    Image.new("RGBA", (24, 24), (0, 0, 255, 0)).save(src / "sub dir" / "clear.v2.png")
+    (src / "sub dir" / "clear.v2.txt").write_text("a clear image")
+    (src / "sub dir" / "clear.v2.json").write_text('{"captions": ["a see-through image"]}')
+    palette = Image.new("P", (16, 16), 2)
+    palette.putpalette([0, 0, 0] * 2 + [0, 255, 0] + [0] * 759)
+    palette.save(src / "sub dir" / "pal.jpeg", format="PNG")
+    (src / "sub dir" / "pal.txt").write_text("a green palette image")
+    Image.new("RGB", (8, 8)).save(src / "orphan.jpg")
+    (src / "notes.md").write_text("ignored")
+
+    stats = convert_folder(src, tmp_path / "out", shard_size=2)
+    assert {k: stats[k] for k in ("written", "skipped_no_caption")} == {"written": 3, "skipped_no_caption": 1}
+    assert [p.rsplit("/", 1)[1] for p in stats["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    members = {}
+    for path in stats["shards"]:
+        members |= _tar_members(path)
+    assert members["sub_dir/clear_v2.png"] == (src / "sub dir" / "clear.v2.png").read_bytes()
+    assert members["sub_dir/pal.jpeg"] == (src / "sub dir" / "pal.jpeg").read_bytes()
+    assert members["sub_dir/clear_v2.json"] == (src / "sub dir" / "clear.v2.json").read_bytes()
+    assert members["red.txt"] == b"a red image\n"
+
+    records = {key: (image, caption, attrs) for key, image, caption, attrs in iterate_records(stats["shards"])}
+    assert set(records) == {"red", "sub_dir/clear_v2", "sub_dir/pal"}
+    assert records["red"][1] == "a red image" and records["red"][0].size == (20, 30)
+    assert records["sub_dir/clear_v2"][0].getpixel((3, 3)) == (255, 255, 255)
+    assert records["sub_dir/pal"][0].getpixel((3, 3)) == (0, 255, 0)
+    assert records["sub_dir/clear_v2"][2] == {"captions": ["a see-through image"]}
+    assert Counter(read_captions(stats["shards"]))["a see-through image"] == 1
