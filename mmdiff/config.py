@@ -35,7 +35,7 @@ class TokenizerConfig:
 class VAEConfig:
     pretrained_path: str | None = None  # a local diffusers AutoencoderKL folder; None trains the tiny VAE first
     latent_channels: int = 4
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     train_steps: int = 600
     batch_size: int = 64
     lr: float = 1e-3
@@ -67,7 +67,7 @@ class ModelConfig:
 class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    prediction_type: str = "v_prediction"  # v_prediction | epsilon (eps is ill-conditioned near zero terminal SNR)
     image_cond_drop: float = 0.1  # probability of training text->image with the null text context
     text_cond_drop: float = 0.1  # probability of training image->text with the null image context
     image_loss_weight: float = 1.0

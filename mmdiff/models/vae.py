@@ -17,14 +17,16 @@ from diffusers import AutoencoderKL
 def tiny_vae(
     image_size: int = 32,
     latent_channels: int = 4,
-    block_out_channels: Sequence[int] = (32, 64, 64),
+    block_out_channels: Sequence[int] = (16, 32, 64),
     layers_per_block: int = 1,
-    norm_num_groups: int = 16,
+    norm_num_groups: int = 8,
 ) -> AutoencoderKL:
     """A small randomly initialised ``AutoencoderKL`` for low-resolution images.
 
     Each block after the first halves the resolution, so the downsampling factor is
     ``2 ** (len(block_out_channels) - 1)``: 32 px images become ``(latent_channels, 8, 8)`` latents by default.
+    The defaults (0.7 M parameters) are sized for CPU training: narrow full-resolution stages, where almost all the
+    convolution cost is, and the widest stage at the latent resolution.
     ``scaling_factor`` starts at 1.0 because an untrained VAE has no meaningful latent scale; the trainer measures it
     on data afterwards (see ``measure_scaling_factor``).
     """
@@ -103,20 +105,32 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z).sample.clamp(-1.0, 1.0)
 
 
-@torch.no_grad()
 def measure_scaling_factor(
     vae: AutoencoderKL,
     batches: Iterable[torch.Tensor],
     max_batches: int = 20,
     generator: torch.Generator | None = None,
 ) -> float:
-    """``1 / std`` of the unscaled posterior samples over data, as in the LDM paper.
+    """``1 / std`` of the unscaled posterior samples over data, as in the LDM paper (see ``measure_latent_statistics``)."""
+    return measure_latent_statistics(vae, batches, max_batches, generator)[1]
+
+
+@torch.no_grad()
+def measure_latent_statistics(
+    vae: AutoencoderKL,
+    batches: Iterable[torch.Tensor],
+    max_batches: int = 20,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Mean and ``1 / std`` of the unscaled posterior samples over data.
 
     Args:
         batches: images ``(B, 3, H, W)`` in ``[-1, 1]``; at most ``max_batches`` are consumed.
 
     Returns:
-        the factor to store with ``vae.register_to_config(scaling_factor=...)`` so scaled latents have unit variance.
+        ``(shift_factor, scaling_factor)`` to store with ``vae.register_to_config(...)`` so that scaled latents have
+        zero mean and unit variance (a trained VAE's latents are rarely centred; a diffusion prior starting from
+        N(0, I) learns faster when they are).
     """
     count, total, total_sq = 0, 0.0, 0.0
     # islice, not enumerate + break: an infinite iterator must not lose a batch past the last one used.
@@ -133,4 +147,4 @@ def measure_scaling_factor(
     var = total_sq / count - mean * mean
     if var <= 0.0:
         raise ValueError(f"latents have zero variance ({var=}); cannot measure a scaling factor")
-    return float(var**-0.5)
+    return float(mean), float(var**-0.5)

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from mmdiff.models.vae import measure_scaling_factor
+from mmdiff.models.vae import measure_latent_statistics
 
 METRICS_FILE = "vae_metrics.jsonl"
 
@@ -77,7 +77,7 @@ def save_vae_atomically(vae: AutoencoderKL, out_dir: str | os.PathLike, metrics:
 
 def train_vae(
     vae: AutoencoderKL,
-    batches: Iterator[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     num_steps: int,
     lr: float = 1e-3,
     kl_weight: float = 1e-6,
@@ -99,6 +99,7 @@ def train_vae(
         kl_weight: weight of the KL term; small, so the latents stay informative (LDM-style "KL-reg").
         out_dir: if given, the trained VAE and ``vae_metrics.jsonl`` are saved there atomically.
         device: any torch device; bf16 autocast is used only on CUDA.
+        cosine_lr: decay the learning rate along a half cosine to 10% of ``lr`` at the last step (else constant).
         seed: seeds the posterior sampling, so a run is reproducible given the same data and initial weights.
 
     Returns:
@@ -108,6 +109,7 @@ def train_vae(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    batches = iter(batches)  # also accept a list or a DataLoader
     device = torch.device(device)
     vae.to(device).train()
     vae.requires_grad_(True)
@@ -154,13 +156,16 @@ def train_vae(
 
     vae.eval()
     scale_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    scaling_factor = measure_scaling_factor(vae, batches, max_batches=scaling_batches, generator=scale_generator)
-    vae.register_to_config(scaling_factor=scaling_factor)
+    shift_factor, scaling_factor = measure_latent_statistics(
+        vae, batches, max_batches=scaling_batches, generator=scale_generator
+    )
+    vae.register_to_config(shift_factor=shift_factor, scaling_factor=scaling_factor)
 
     summary = {
         "initial_recon_loss": initial_recon,
         "final_recon_loss": history[-1]["recon_loss"],
         "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
         "steps_per_second": steps_per_second,
         "num_steps": num_steps,
     }
