@@ -1,4 +1,4 @@
-"""The `mmdiff` command line: data, train, generate, caption, demo."""
+"""The `mmdiff` command line: data, train, generate, caption, sample-pairs, vary, demo."""
 
 from __future__ import annotations
 
@@ -23,37 +23,67 @@ def _add_data(sub) -> None:
     folder.add_argument("--shard-size", type=int, default=1000)
 
 
+def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> None:
+    """Options every sampling subcommand shares: the folder, device, dtype, seed, output and progress bar."""
+    parser.add_argument("--model", required=True, help="a saved pipeline folder")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if scheduler:
+        parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
+
+
 def _add_sampling(sub) -> None:
     gen = sub.add_parser("generate", help="text -> image with a saved pipeline folder")
-    gen.add_argument("--model", required=True, help="a saved pipeline folder")
+    _add_pipeline_options(gen, "outputs/generate")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable; '' samples unconditionally")
     gen.add_argument("--prompts-file", help="one prompt per line")
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--out", default="outputs/generate")
+    gen.add_argument("--negative-prompt", help="replaces the null context as the unguided branch")
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=3.0)
+    gen.add_argument("--guidance-scale", type=float, default=3.0, help="w; 1 = no guidance")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
-    gen.add_argument("--guidance-rescale", type=float, default=0.0)
+    gen.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1]")
     gen.add_argument("--num-images-per-prompt", type=int, default=1)
-    gen.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution)")
+    gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--grid", action="store_true", help="also write one image grid (prompts x samples)")
-    gen.add_argument("--device", default=None)
 
     cap = sub.add_parser("caption", help="image -> text with a saved pipeline folder")
-    cap.add_argument("--model", required=True)
+    _add_pipeline_options(cap, "outputs/captions.json", scheduler=False)
     cap.add_argument("images", nargs="*", help="image files")
     cap.add_argument("--shards", help="caption the first --num images of these shards instead")
     cap.add_argument("--num", type=int, default=16)
-    cap.add_argument("--prompt", help="fixed prefix, or a template with the tokenizer's mask token as blanks")
-    cap.add_argument("--steps", type=int, default=None)
-    cap.add_argument("--guidance-scale", type=float, default=2.0)
-    cap.add_argument("--remasking", choices=["low_confidence", "random"], default=None)
-    cap.add_argument("--temperature", type=float, default=None)
-    cap.add_argument("--max-length", type=int, default=None)
-    cap.add_argument("--seed", type=int, default=0)
-    cap.add_argument("--out", default="outputs/captions.json", help=".json or .txt")
-    cap.add_argument("--device", default=None)
+    cap.add_argument("--unconditional", type=int, default=0, metavar="N", help="N captions from p(text), no image")
+    cap.add_argument("--prompt", help="a fixed caption prefix, e.g. 'a small red'")
+    cap.add_argument("--template", help="a caption with the tokenizer's mask token (e.g. [MASK]) at each blank")
+    cap.add_argument("--steps", type=int, default=None, help="unmasking steps (default: one per token)")
+    cap.add_argument("--guidance-scale", type=float, default=2.0, help="w on logits; 1 = no guidance")
+    cap.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
+    cap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    cap.add_argument("--temperature", type=float, default=0.0, help="0 = argmax")
+    cap.add_argument("--max-length", type=int, default=None, help="caption tokens (default: the model's)")
+    cap.add_argument("--tokens", action="store_true", help="also write token ids and per-token confidences")
+
+    pairs = sub.add_parser(
+        "sample-pairs", help="joint image-caption samples: caption ~ p(text), image ~ p(image|caption)"
+    )
+    _add_pipeline_options(pairs, "outputs/pairs")
+    pairs.add_argument("--num", type=int, default=8)
+    pairs.add_argument("--caption-steps", type=int, default=None)
+    pairs.add_argument("--steps", type=int, default=50, help="image denoising steps")
+    pairs.add_argument("--guidance-scale", type=float, default=3.0)
+    pairs.add_argument("--temperature", type=float, default=1.0, help="caption sampling temperature")
+
+    vary = sub.add_parser("vary", help="image variation: caption each image, then generate from the caption")
+    _add_pipeline_options(vary, "outputs/variations")
+    vary.add_argument("images", nargs="*", help="image files")
+    vary.add_argument("--num-variations", type=int, default=4)
+    vary.add_argument("--caption-guidance-scale", type=float, default=2.0)
+    vary.add_argument("--steps", type=int, default=50)
+    vary.add_argument("--guidance-scale", type=float, default=3.0)
+    vary.add_argument("--grid", action="store_true", help="also write one grid (images x variations)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sampling import caption_command
 
             return caption_command(args)
+        if args.cmd in ("sample-pairs", "vary"):
+            from .sampling import sample_pairs_command, vary_command
+
+            return (sample_pairs_command if args.cmd == "sample-pairs" else vary_command)(args)
         if args.cmd == "demo":
             from .demo import run_demo
 

@@ -97,6 +97,8 @@ class TrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    resume: str = "never"  # auto: continue from the newest complete checkpoint in output_dir | never
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop (keep the last good checkpoint) | skip the batch
     trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
 
 
@@ -181,6 +183,8 @@ def validate(cfg: Config) -> None:
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
         "data.caption_choice": (cfg.data.caption_choice, ("random", "txt")),
+        "train.resume": (cfg.train.resume, ("auto", "never")),
+        "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -201,6 +205,33 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail at start, naming the key, when a configured input does not exist (not later, deep in a worker).
+
+    Checks the train/val shard specs (a missing folder, an empty folder, a glob or brace pattern matching nothing)
+    and every configured local model folder. Kept out of :func:`load_config` because sampling commands load the
+    training config of a checkpoint on machines where its data is absent.
+    """
+    from .data.loader import expand_urls  # torch/PIL: imported only when training actually starts
+
+    for key, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+        if spec is None:
+            continue
+        if not str(spec).strip():
+            raise ConfigError(f"{key} is empty: give a folder of .tar shards, a brace/glob pattern or a comma list")
+        try:
+            expand_urls(spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{key}={spec!r}: {err}") from None
+    for key, path in (
+        ("vae.pretrained_path", cfg.vae.pretrained_path),
+        ("tokenizer.path", cfg.tokenizer.path),
+        ("text_encoder.path", cfg.text_encoder.path),
+    ):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key}={path!r} does not exist")
 
 
 def to_yaml(cfg: Config) -> str:

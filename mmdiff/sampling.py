@@ -26,46 +26,80 @@ def save_grid(images: list[PIL.Image.Image], rows: int, path: Path, min_cell: in
     return path
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_pipe(cls, args):
+    """`cls.from_pretrained(args.model)` on `args.device` in `args.dtype`, progress bar as `args.quiet` says."""
+    device = pick_device(args.device)
+    # `dtype` is diffusers 0.42's spelling of `torch_dtype` (the old name still works, with a FutureWarning)
+    pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
+    pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)))
+    if getattr(args, "scheduler", None):
+        from .pipelines import swap_scheduler
+
+        swap_scheduler(pipe, args.scheduler)
+    return pipe, torch.Generator(device).manual_seed(args.seed)
+
+
+def _interval(values: list[float] | None) -> tuple[float, float] | None:
+    return tuple(values) if values else None
+
+
+def _save_images(images: list[PIL.Image.Image], out: Path, records: list[dict]) -> None:
+    """Write 0000.png, 0001.png, ... and an index.json of `records` (one per image) beside them."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, record) in enumerate(zip(images, records, strict=True)):
+        image.save(out / f"{i:04d}.png")
+        record["file"] = f"{i:04d}.png"
+    (out / "index.json").write_text(json.dumps(records, indent=1))
+
+
 def generate_command(args) -> int:
-    from .pipelines import MMDiffTextToImagePipeline, swap_scheduler
+    from .pipelines import MMDiffTextToImagePipeline
 
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt (use --prompt '' for unconditional samples) or --prompts-file")
-    device = pick_device(args.device)
-    pipe = MMDiffTextToImagePipeline.from_pretrained(args.model).to(device)
-    if args.scheduler:
-        swap_scheduler(pipe, args.scheduler)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
     images = pipe(
         prompts,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
-        guidance_interval=tuple(args.guidance_interval or ()) or None,
+        guidance_interval=_interval(args.guidance_interval),
         guidance_rescale=args.guidance_rescale,
         num_images_per_prompt=args.num_images_per_prompt,
+        height=args.height,
+        width=args.width,
         generator=generator,
     ).images
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, image in enumerate(images):
-        prompt = prompts[i // args.num_images_per_prompt]
-        path = out / f"{i:04d}.png"
-        image.save(path)
-        records.append({"file": path.name, "prompt": prompt})
-    (out / "prompts.json").write_text(json.dumps(records, indent=1))
+    records = [{"prompt": prompts[i // args.num_images_per_prompt]} for i in range(len(images))]
+    _save_images(images, out, records)
+    (out / "prompts.json").write_text(json.dumps(records, indent=1))  # the name earlier versions wrote
     if args.grid:
         print(f"grid: {save_grid(images, len(prompts), out / 'grid.png')}")
     print(f"wrote {len(images)} images to {out}")
     return 0
 
 
+def _write_captions(out: Path, records: list[dict], texts: list[str]) -> None:
+    """A .txt file gets one caption per line; anything else gets the JSON records."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".txt":
+        out.write_text("\n".join(texts) + "\n")
+    else:
+        out.write_text(json.dumps(records, indent=1))
+    for record in records:
+        print(json.dumps(record))
+    print(f"wrote {len(records)} captions to {out}")
+
+
 def caption_command(args) -> int:
-    from .pipelines import MMDiffImageToTextPipeline
+    from .pipelines import MMDiffImageToTextPipeline, infill_caption
 
     images, names = [], []
     if args.shards:
@@ -79,29 +113,83 @@ def caption_command(args) -> int:
     for path in args.images:
         images.append(PIL.Image.open(path))
         names.append({"file": str(path)})
-    if not images:
-        raise ValueError("give image files or --shards")
-    device = pick_device(args.device)
-    pipe = MMDiffImageToTextPipeline.from_pretrained(args.model).to(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    result = pipe(
-        images,
-        prompt=args.prompt,
-        num_inference_steps=args.steps,
+    if args.prompt and args.template:
+        raise ValueError("give either --prompt (a fixed prefix) or --template (blanks marked with the mask token)")
+    if not images and not args.unconditional:
+        raise ValueError("give image files, --shards, or --unconditional N")
+    pipe, generator = load_pipe(MMDiffImageToTextPipeline, args)
+    common = dict(
         guidance_scale=args.guidance_scale,
-        max_length=args.max_length,
         remasking=args.remasking,
+        temperature=args.temperature,
+        generator=generator,
+        return_tokens=True,
+    )
+    if not images:
+        names = [{"unconditional": i} for i in range(args.unconditional)]
+    if args.template:
+        result = infill_caption(pipe, args.template, images or None, num_inference_steps=args.steps, **common)
+        if not images:
+            names = [{"template": args.template}]
+    else:
+        result = pipe(
+            images or None,
+            prompt=args.prompt,
+            num_inference_steps=args.steps,
+            max_length=args.max_length,
+            guidance_interval=_interval(args.guidance_interval),
+            num_captions=None if images else args.unconditional,
+            **common,
+        )
+    records = [{**name, "caption": text} for name, text in zip(names, result.text)]
+    if args.tokens:
+        for record, ids, conf in zip(records, result.token_ids.tolist(), result.confidences.tolist()):
+            record.update(token_ids=ids, confidences=[round(c, 4) for c in conf])
+    _write_captions(Path(args.out), records, result.text)
+    return 0
+
+
+def sample_pairs_command(args) -> int:
+    from .pipelines import MMDiffTextToImagePipeline, sample_pairs
+
+    pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
+    pairs = sample_pairs(
+        pipe,
+        num_pairs=args.num,
+        caption_steps=args.caption_steps,
+        image_steps=args.steps,
+        guidance_scale=args.guidance_scale,
         temperature=args.temperature,
         generator=generator,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records = [{**name, "caption": text} for name, text in zip(names, result.text)]
-    if out.suffix == ".txt":
-        out.write_text("\n".join(result.text) + "\n")
-    else:
-        out.write_text(json.dumps(records, indent=1))
-    for record in records:
-        print(json.dumps(record))
-    print(f"wrote {len(records)} captions to {out}")
+    _save_images(pairs.images, out, [{"caption": text} for text in pairs.text])
+    print(f"wrote {len(pairs.images)} image-caption pairs to {out}")
+    return 0
+
+
+def vary_command(args) -> int:
+    from .pipelines import MMDiffTextToImagePipeline, vary_image
+
+    if not args.images:
+        raise ValueError("give at least one image file to vary")
+    pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
+    result = vary_image(
+        pipe,
+        [PIL.Image.open(path) for path in args.images],
+        num_variations=args.num_variations,
+        caption_guidance_scale=args.caption_guidance_scale,
+        image_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        generator=generator,
+    )
+    out = Path(args.out)
+    records = [
+        {"source": str(args.images[i // args.num_variations]), "caption": result.text[i // args.num_variations]}
+        for i in range(len(result.images))
+    ]
+    _save_images(result.images, out, records)
+    if args.grid:
+        print(f"grid: {save_grid(result.images, len(args.images), out / 'grid.png')}")
+    print(f"wrote {len(result.images)} variations to {out}")
     return 0

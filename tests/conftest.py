@@ -82,3 +82,102 @@ def pipe(model, vae, noise_scheduler, tokenizer):
     pipe = build_pipeline(model, vae, noise_scheduler, tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------- tiny training runs (trainer, resume, 2 processes)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_setup(tmp_path_factory) -> dict:
+    """Shapes shards (64 images of 16 px in 4 train shards) and prebuilt tokenizer/VAE stage folders.
+
+    The trainer skips a stage whose folder exists, so copying `stages/tokenizer` and `stages/vae` into a run folder
+    (:func:`stage_run_dir`) makes runs start with the DiT and share exactly the same tokenizer and VAE.
+    """
+    from mmdiff.data.loader import read_captions
+    from mmdiff.data.shapes import write_shapes_shards
+    from mmdiff.training.vae_trainer import save_vae_atomically
+
+    root = tmp_path_factory.mktemp("tiny_train")
+    write_shapes_shards(root / "data", 64, image_size=16, seed=0, val_fraction=0.0, shard_size=16)
+    train_word_level_tokenizer(read_captions(str(root / "data" / "train"))).save_pretrained(
+        root / "stages" / "tokenizer"
+    )
+    torch.manual_seed(0)
+    save_vae_atomically(
+        tiny_vae(image_size=16, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4),
+        root / "stages" / "vae",
+    )
+    return {"data": root / "data" / "train", "stages": root / "stages"}
+
+
+def stage_run_dir(setup: dict, run_dir) -> None:
+    """Copy the prebuilt tokenizer and VAE stages into a (new) run folder."""
+    import shutil
+
+    for name in ("tokenizer", "vae"):
+        shutil.copytree(setup["stages"] / name, run_dir / name)
+
+
+def tiny_train_overrides(setup: dict, run_dir, **train) -> list[str]:
+    """Dotlist overrides for a seconds-long CPU run on the tiny setup.
+
+    Keys of `train` override the train.* defaults below; dotted keys ("data.num_workers") are passed as they are.
+    """
+    dotted = [f"{k}={v}" for k, v in train.items() if "." in k]
+    train = {k: v for k, v in train.items() if "." not in k}
+    values = {
+        "output_dir": run_dir,
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 2,
+        "lr": 1e-3,
+        "log_every": 1,
+        "eval_every": 1000,
+        "checkpoint_every": 3,
+        "keep_checkpoints": 2,
+        **train,
+    }
+    return [
+        f"data.train_shards={setup['data']}",
+        "data.image_size=16",
+        "data.max_length=12",
+        "data.shuffle_buffer=8",
+        "model.hidden_size=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "model.text_encoder_depth=1",
+        *(f"train.{k}={v}" for k, v in values.items()),
+        *dotted,
+    ]
+
+
+@pytest.fixture
+def v_pipe(model, vae, tokenizer):
+    """The default training setup: v-prediction on the squaredcos_cap_v2 schedule."""
+    from mmdiff.training.trainer import build_pipeline
+
+    scheduler = make_noise_scheduler(
+        {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "clip_sample": False}
+    )
+    pipe = build_pipeline(model, vae, scheduler, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def i2t(pipe):
+    """The image-to-text pipeline over the `pipe` fixture's components."""
+    from mmdiff.pipelines import MMDiffImageToTextPipeline
+
+    i2t = MMDiffImageToTextPipeline(**pipe.components)
+    i2t.set_progress_bar_config(disable=True)
+    return i2t
+
+
+@pytest.fixture
+def saved_pipe(pipe, tmp_path):
+    """The `pipe` fixture saved to a folder; returns the folder."""
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    return folder

@@ -402,3 +402,48 @@ def test_convert_folder(tmp_path):
     assert records["sub_dir/pal"][0].getpixel((3, 3)) == (0, 255, 0)
     assert records["sub_dir/clear_v2"][2] == {"captions": ["a see-through image"]}
     assert Counter(read_captions(stats["shards"]))["a see-through image"] == 1
+
+
+def test_tar_member_names_escaping_the_folder_are_refused(tmp_path):
+    from mmdiff.data.shapes import write_tar_shard
+
+    good = _png(Image.new("RGB", (8, 8)))
+    members = [("../up.png", good), ("../up.txt", b"x"), ("/abs/p.png", good), ("/abs/p.txt", b"x")]
+    _write_tar(tmp_path / "evil.tar", members + [("ok.png", good), ("ok.txt", b"fine")])
+    stats = SkipStats()
+    assert [key for key, *_ in iterate_records(str(tmp_path / "evil.tar"), stats)] == ["ok"]
+    assert stats.as_dict() == {"unsafe_name": 4}
+    for key in ("../escape", "/etc/x", "a/../../b"):
+        with pytest.raises(ValueError, match="escape"):
+            write_tar_shard(tmp_path / "out.tar", [{"__key__": key, "txt": b"x"}])
+    assert not (tmp_path / "out.tar").exists()
+
+    src = tmp_path / "src"
+    src.mkdir()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(good)
+    (src / "link.png").symlink_to(outside)
+    (src / "link.txt").write_text("a caption")
+    stats = convert_folder(src, tmp_path / "converted")
+    assert stats["written"] == 0 and stats["skipped_outside_src"] == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_batches_resumes_the_stream_exactly(shapes_dir, word_tok, workers):
+    def keys(skip, n):
+        loader = make_dataloader(
+            str(shapes_dir[0] / "train"),
+            word_tok,
+            16,
+            8,
+            8,
+            num_workers=workers,
+            seed=4,
+            shuffle_buffer=32,
+            skip_batches=skip,
+        )
+        it = iter(loader)
+        return [next(it)["keys"] for _ in range(n)]
+
+    full = keys(0, 12)
+    assert keys(5, 7) == full[5:]

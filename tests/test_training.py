@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tarfile
 
+import pytest
 import torch
 from conftest import make_model
+from PIL import Image
+from safetensors.torch import load_file
 
 from mmdiff.training.checkpoint import (
     atomic_dir,
@@ -180,3 +186,139 @@ def test_train_end_to_end_writes_pipeline_checkpoint_and_metrics(tmp_path):
     i2t = MMDiffImageToTextPipeline.from_pretrained(run / "pipeline")
     i2t.set_progress_bar_config(disable=True)
     assert len(i2t(image, num_inference_steps=2).text) == 1
+
+
+def _nan_on_call(monkeypatch, bad_call: int) -> None:
+    """Make the trainer's `bad_call`-th VAE encode (one per batch here: no validation set) return NaN latents."""
+    import mmdiff.training.trainer as trainer
+
+    real, calls = trainer.encode_latents, {"n": 0}
+
+    def encode(*args, **kwargs):
+        calls["n"] += 1
+        latents = real(*args, **kwargs)
+        return latents * float("nan") if calls["n"] == bad_call else latents
+
+    monkeypatch.setattr(trainer, "encode_latents", encode)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tiny_train_setup, tmp_path, monkeypatch):
+    from conftest import stage_run_dir, tiny_train_overrides
+
+    from mmdiff.config import load_config
+    from mmdiff.training.resume import NonFiniteLossError
+    from mmdiff.training.trainer import train
+
+    stage_run_dir(tiny_train_setup, tmp_path / "run")
+    _nan_on_call(monkeypatch, 5)
+    cfg = load_config(None, tiny_train_overrides(tiny_train_setup, tmp_path / "run", checkpoint_every=2))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*step-00000004"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000004"
+
+
+def test_nonfinite_loss_skip_mode_skips_the_batch_and_reports_it(tiny_train_setup, tmp_path, monkeypatch, capsys):
+    from conftest import stage_run_dir, tiny_train_overrides
+
+    from mmdiff.config import load_config
+    from mmdiff.training.trainer import train
+
+    stage_run_dir(tiny_train_setup, tmp_path / "run")
+    _nan_on_call(monkeypatch, 3)
+    cfg = load_config(None, tiny_train_overrides(tiny_train_setup, tmp_path / "run", on_nonfinite="skip"))
+    summary = train(cfg)
+    assert summary["steps"] == 6 and summary["nonfinite_skipped"] == 1
+    assert "non-finite batches skipped: 1" in capsys.readouterr().out
+    state = load_file(tmp_path / "run" / "checkpoints" / "step-00000006" / "training_state" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_training_goes_on_over_bad_records_and_reports_each_kind(tiny_train_setup, tmp_path, capsys):
+    from conftest import stage_run_dir, tiny_train_overrides
+
+    from mmdiff.config import load_config
+    from mmdiff.data.shapes import png_bytes
+    from mmdiff.training.trainer import train
+
+    good = png_bytes(Image.new("RGB", (16, 16), (200, 30, 30)))
+    members = [(f"ok{i}.{e}", d) for i in range(6) for e, d in (("png", good), ("txt", b"a small red square"))]
+    members += [
+        ("corrupt.png", good[:50] + b"\0" * 30),
+        ("corrupt.txt", b"a small red square"),
+        ("badutf8.png", good),
+        ("badutf8.txt", b"\xff\xfe a small"),
+        ("empty.png", good),
+        ("empty.txt", b"   "),
+        ("long.png", good),
+        ("long.txt", b" ".join([b"a small red square"] * 6)),
+        ("../escape.png", good),
+        ("../escape.txt", b"a small red square"),
+    ]
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_tar(data / "a.tar", members)
+    _write_tar(data / "b.tar", members[:12])
+    cut = (data / "b.tar").read_bytes()
+    (data / "b.tar").write_bytes(cut[: len(cut) // 2])  # truncated tar: its complete records are still used
+    stage_run_dir(tiny_train_setup, tmp_path / "run")
+    overrides = tiny_train_overrides(tiny_train_setup, tmp_path / "run", max_steps=3, **{"data.train_shards": data})
+    summary = train(load_config(None, overrides))
+    assert summary["steps"] == 3
+    kinds = ("corrupt_image", "bad_utf8", "empty_caption", "truncated", "corrupt_tar", "unsafe_name")
+    assert all(summary["skips"].get(kind, 0) >= 1 for kind in kinds), summary["skips"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skips"] == summary["skips"]
+    printed = capsys.readouterr().out
+    assert all(f"{kind}=" in printed for kind in kinds)
+
+
+def test_checkpoint_files_that_are_truncated_pickled_or_from_another_config_are_refused(tmp_path, tokenizer):
+    import pickle
+
+    from mmdiff.training.checkpoint import CheckpointError, CheckpointMismatchError, clean_stale_temp
+    from mmdiff.training.resume import load_latest_training_state
+
+    model, ema = make_model(tokenizer), make_model(tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2):
+        with atomic_dir(tmp_path / f"step-{step:08d}") as tmp:
+            save_training_state(tmp / "training_state", model, ema, opt, {"step": step})
+    newest = tmp_path / "step-00000002" / "training_state"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_training_state(newest, model, ema, opt)
+    messages = []
+    extra, folder = load_latest_training_state(tmp_path, model, ema, opt, messages.append)
+    assert folder.name == "step-00000001" and extra["step"] == 1 and "cannot resume" in messages[0]
+
+    class Payload:  # unpickling this would create `marker`
+        def __reduce__(self):
+            return (open, (str(tmp_path / "marker"), "w"))
+
+    (newest / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError):
+        load_training_state(newest, model, ema, opt)
+    assert not (tmp_path / "marker").exists()  # refused without ever being unpickled
+
+    other = make_model(tokenizer, hidden_size=16)
+    with pytest.raises(CheckpointMismatchError, match="does not fit the configured model.*config.yaml"):
+        load_training_state(
+            tmp_path / "step-00000001" / "training_state",
+            other,
+            make_model(tokenizer, hidden_size=16),
+            torch.optim.AdamW(other.parameters()),
+        )
+
+    # debris of a crash inside atomic_dir: a half-written folder is deleted, a moved-aside complete one restored
+    (tmp_path / ".step-00000003.tmp-abc").mkdir()
+    os.replace(tmp_path / "step-00000001", tmp_path / ".step-00000001.old-123")
+    assert clean_stale_temp(tmp_path) == [".step-00000001.old-123", ".step-00000003.tmp-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -5,6 +5,8 @@ Both pipeline classes take the same components, so either one loads any saved mm
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import PIL.Image
 import torch
@@ -14,6 +16,7 @@ from ..data.loader import prepare_image
 from ..data.tokenizer import encode_captions
 from ..models.text_encoders import encode_with_frozen_encoder, tokenize_for_frozen_encoder
 from ..models.vae import encode_latents, vae_downsample_factor
+from .loading import PipelineLoadError, check_pipeline_folder, load_error
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -39,6 +42,24 @@ class MMDiffPipelineBase(DiffusionPipeline):
             text_encoder=text_encoder,
             text_encoder_tokenizer=text_encoder_tokenizer,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved mmdiff folder (either pipeline class loads any of them), safetensors only.
+
+        Same arguments as diffusers' `DiffusionPipeline.from_pretrained` (`torch_dtype`, components to replace, ...).
+        The folder is checked first (`check_pipeline_folder`); any failure raises `PipelineLoadError` naming the
+        component. Pickled weights are never loaded: `use_safetensors=True` is forced.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise PipelineLoadError("mmdiff pipelines load safetensors only; use_safetensors=False is refused")
+        kwargs["use_safetensors"] = True
+        components = {k: v for k, v in kwargs.items() if k in cls._get_signature_keys(cls)[0]}
+        check_pipeline_folder(pretrained_model_name_or_path, components)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise load_error(pretrained_model_name_or_path, err) from err
 
     # ------------------------------------------------------------------ helpers
 
@@ -83,38 +104,21 @@ class MMDiffPipelineBase(DiffusionPipeline):
         return context, key_mask
 
     def preprocess_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """PIL / numpy (H, W, C) in [0, 255] or [0, 1] / tensors (C, H, W) or (N, C, H, W) in [-1, 1]
-        -> (N, 3, H, W) in [-1, 1] at the model's resolution (resize the shorter side, centre crop)."""
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
+        """Images -> (N, 3, S, S) in [-1, 1] at the model's resolution S (shorter side resized, centre crop).
+
+        Accepted, each converted as documented:
+            PIL images of any mode (L, LA, RGBA, P, I;16, ...): alpha composited on white, 16 bit scaled to 8 bit.
+            numpy (H, W), (H, W, C) or a batch (N, H, W, C), C in 1, 3, 4: uint8 / uint16 as stored, floats in [0, 1].
+            torch (C, H, W) or (N, C, H, W), C in 1, 3: floats in [-1, 1] (diffusers' convention), uint8 in [0, 255].
+        Anything else (wrong range, wrong shape, empty) is a ValueError/TypeError naming the image.
+        """
+        if isinstance(images, torch.Tensor | np.ndarray) and images.ndim == 4:
             images = list(images)
-        if not isinstance(images, list):
+        if not isinstance(images, list | tuple):
             images = [images]
         if not images:
             raise ValueError("image is an empty list")
-        out = []
-        for i, image in enumerate(images):
-            if isinstance(image, torch.Tensor):
-                if image.ndim != 3 or image.shape[0] not in (1, 3):
-                    raise ValueError(
-                        f"image {i}: expected a (C, H, W) tensor with C in (1, 3), got {tuple(image.shape)}"
-                    )
-                if image.min() < -1.001 or image.max() > 1.001:
-                    raise ValueError(
-                        f"image {i}: tensor values must lie in [-1, 1], got [{image.min():.3g}, {image.max():.3g}]"
-                    )
-                array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-                image = PIL.Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-            elif isinstance(image, np.ndarray):
-                array = image
-                if array.dtype != np.uint8:
-                    if array.min() < 0 or array.max() > 1.0:
-                        raise ValueError(f"image {i}: float arrays must lie in [0, 1]")
-                    array = (array * 255).round().astype(np.uint8)
-                image = PIL.Image.fromarray(array)
-            elif not isinstance(image, PIL.Image.Image):
-                raise TypeError(f"image {i}: unsupported type {type(image).__name__}; give PIL, numpy or torch")
-            out.append(prepare_image(image, self.image_size))
-        return torch.stack(out)
+        return torch.stack([prepare_image(_to_pil(image, i), self.image_size) for i, image in enumerate(images)])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -123,8 +127,82 @@ class MMDiffPipelineBase(DiffusionPipeline):
         return encode_latents(self.vae, pixels, sample=False).to(self.transformer.dtype)
 
 
+def _to_pil(image: ImageInput, index: int) -> PIL.Image.Image:
+    """One image of any accepted kind -> PIL (see `MMDiffPipelineBase.preprocess_images` for the conversions)."""
+    if isinstance(image, PIL.Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image {index}: empty image of size {image.size}")
+        return image
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3) or min(image.shape[1:]) < 1:
+            raise ValueError(
+                f"image {index}: expected a (C, H, W) tensor with C in (1, 3), got shape {tuple(image.shape)}"
+            )
+        if image.dtype == torch.uint8:
+            array = image.permute(1, 2, 0).cpu().numpy()
+        elif image.is_floating_point():
+            low, high = float(image.min()), float(image.max())
+            if not (np.isfinite(low) and np.isfinite(high)) or low < -1.001 or high > 1.001:
+                raise ValueError(
+                    f"image {index}: float tensors must lie in [-1, 1] (diffusers' convention), "
+                    f"got values in [{low:.3g}, {high:.3g}]"
+                )
+            array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        else:
+            raise ValueError(f"image {index}: tensor dtype {image.dtype} is not supported; give float or uint8")
+        return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
+            raise ValueError(
+                f"image {index}: expected a numpy (H, W) or (H, W, C) array with C in (1, 3, 4), "
+                f"got shape {image.shape}"
+            )
+        if array.dtype == np.uint16:
+            array = (array.astype(np.float64) / 257.0).round().astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1.0:
+                raise ValueError(f"image {index}: float arrays must be finite and lie in [0, 1]")
+            array = (array * 255).round().astype(np.uint8)
+        elif array.dtype != np.uint8:
+            raise ValueError(f"image {index}: numpy dtype {array.dtype} is not supported; give uint8, uint16 or float")
+        return PIL.Image.fromarray(np.ascontiguousarray(array))
+    raise TypeError(f"image {index}: unsupported type {type(image).__name__}; give PIL, numpy or torch")
+
+
 def check_guidance(guidance_scale: float, num_inference_steps: int) -> None:
+    """w must be finite and >= 0 (w = 1 is unguided, 0 is unconditional); steps a positive integer."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
     if not np.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
-    if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, int | float)
+        or int(num_inference_steps) != num_inference_steps
+        or num_inference_steps < 1
+    ):
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+
+
+def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> tuple[float, float] | None:
+    """(t_low, t_high) with 0 <= t_low <= t_high <= 1, or None."""
+    if guidance_interval is None:
+        return None
+    values = tuple(float(v) for v in guidance_interval)
+    if len(values) != 2 or not all(np.isfinite(values)) or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise ValueError(f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {values}")
+    return values
+
+
+def per_sample_generators(
+    generator: torch.Generator | list[torch.Generator] | None, batch: int, name: str = "generator"
+) -> torch.Generator | list[torch.Generator] | None:
+    """A list of generators must hold one per sample (diffusers' convention); a single one or None passes through."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != batch:
+            raise ValueError(f"{name} is a list of {len(generator)} generators for a batch of {batch}; give one each")
+        return list(generator)
+    return generator

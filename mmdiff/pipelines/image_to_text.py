@@ -5,17 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
 from ..data.tokenizer import decode_captions, encode_captions
 from ..diffusion.guidance import classifier_free_guidance, guidance_active
-from .common import ImageInput, MMDiffPipelineBase, check_guidance
+from ..diffusion.masked import REMASKING
+from .common import (
+    ImageInput,
+    MMDiffPipelineBase,
+    check_guidance,
+    check_guidance_interval,
+    per_sample_generators,
+)
 
 
 @dataclass
 class CaptionPipelineOutput(BaseOutput):
-    """text: one caption per image; token_ids (N, L) and confidences (N, L) when `return_tokens=True`."""
+    """text: one caption per image. With `return_tokens=True` also token_ids (N, L), pads after each caption's end,
+    and confidences (N, L): the probability each token had when it was unmasked (1 for fixed prompt tokens)."""
 
     text: list[str]
     token_ids: torch.Tensor | None = None
@@ -26,7 +35,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
     """Caption images with the shared MMDiT by unmasking a fully masked caption over K steps.
 
     Example:
-        >>> pipe = MMDiffImageToTextPipeline.from_pretrained("runs/shapes_tiny/pipeline")
+        >>> pipe = MMDiffImageToTextPipeline.from_pretrained("runs/demo/shapes_tiny/pipeline")
         >>> pipe(image, guidance_scale=2.0).text[0]
     """
 
@@ -38,42 +47,66 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         num_inference_steps: int | None = None,
         guidance_scale: float = 2.0,
         max_length: int | None = None,
-        remasking: str | None = None,
-        temperature: float | None = None,
+        remasking: str = "low_confidence",
+        temperature: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         num_captions: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         return_tokens: bool = False,
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
     ) -> CaptionPipelineOutput | tuple:
         """Args:
-        image: one image or a list (PIL, numpy, tensor); None samples captions unconditionally (`num_captions` of them).
-        prompt: a fixed caption prefix ("a small red"), or a template whose mask tokens mark the blanks
-            ("a [MASK] circle above a [MASK] square"); fixed tokens are never changed.
+        image: one image or a list (PIL of any mode, numpy, tensor; see `preprocess_images`); None samples captions
+            unconditionally from p(text), `num_captions` of them (default 1).
+        prompt: fixes part of each caption, one string for all or one per image. Without the tokenizer's mask token
+            it is a prefix ("a small red"); with it, a template whose mask tokens are the blanks
+            (f"a {tok.mask_token} circle above a {tok.mask_token} square"): the caption is exactly the template with
+            its blanks filled by words (never pad). Fixed tokens are never changed.
         num_inference_steps: K unmasking steps (default: max_length, one token per step).
-        guidance_scale: w on logits, w = 1 unguided. remasking: "low_confidence" or "random". temperature: 0 = argmax.
+        guidance_scale: w on logits, w = 1 unguided (LLaDA's scale is w - 1). Needs an image.
+        max_length: caption length L in tokens, at most the model's `max_text_length` (its default).
+        remasking: "low_confidence" (LLaDA: unmask the most confident guesses) or "random" (MDLM ancestral order).
+        temperature: 0 picks the argmax; > 0 samples with float64 Gumbel noise.
+        guidance_interval: (t_low, t_high) mask levels where CFG applies; elsewhere only the conditional pass runs.
+        generator: one generator, or one per caption; with a list, caption i draws all its randomness from
+            generator i, so a batched call returns exactly what per-image calls with the same seeds return.
+        return_tokens: also return the token ids and per-token confidences.
+        callback_on_step_end: `fn(pipe, step_index, t, {"token_ids": ids}) -> dict`; a returned "token_ids" replaces
+            the current ids.
         """
-        # 1. check inputs and build the image context
+        # 1. check inputs
         max_len_model = self.transformer.config.max_text_length
-        max_length = max_length or max_len_model
-        if not 1 <= max_length <= max_len_model:
-            raise ValueError(f"max_length must be in [1, {max_len_model}] for this model, got {max_length}")
-        num_inference_steps = num_inference_steps or max_length
+        max_length = max_len_model if max_length is None else max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= max_len_model:
+            raise ValueError(f"max_length must be an integer in [1, {max_len_model}] for this model, got {max_length}")
+        num_inference_steps = max_length if num_inference_steps is None else num_inference_steps
         check_guidance(guidance_scale, num_inference_steps)
+        guidance_interval = check_guidance_interval(guidance_interval)
+        if remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+        if not np.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = argmax), got {temperature}")
         device = self._execution_device
+
+        # 2. the image context, or the null context for unconditional captions
         if image is None:
-            batch = num_captions or 1
+            batch = 1 if num_captions is None else num_captions
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise ValueError(f"num_captions must be a positive integer, got {num_captions}")
             context, context_mask = self.transformer.null_context("image", batch)
         else:
             pixels = self.preprocess_images(image)
             batch = pixels.shape[0]
+            if num_captions is not None and num_captions != batch:
+                raise ValueError(f"num_captions={num_captions} is for image=None; got {batch} images")
             context, context_mask = self.transformer.encode_image(self.encode_images(pixels))
+        generator = per_sample_generators(generator, batch)
 
-        # 2. initial caption: the fixed prompt tokens, masks everywhere else
-        ids, fixed = self._initial_tokens(prompt, batch, max_length, device)
+        # 3. initial caption: the fixed prompt tokens, masks everywhere else
+        ids, fixed, blanks = self.initial_tokens(prompt, batch, max_length, device)
 
-        # 3. the unconditional branch is the null image context; K/V of both computed once
+        # 4. the unconditional branch is the null image context; K/V of both computed once for the call
         use_cfg = guidance_scale != 1.0 and image is not None
         if use_cfg:
             uncond, uncond_mask = self.transformer.null_context("image", batch, context.shape[1])
@@ -83,29 +116,35 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         else:
             cond_kv = self.transformer.context_kv(context)
 
-        # 4. unmask
+        # 5. unmask
         self.text_scheduler.set_timesteps(num_inference_steps, device=device)
         confidences = fixed.float()
-        mask_id = self.mask_token_id
+        mask_id, pad_id = self.mask_token_id, self.tokenizer.pad_token_id
+        self._num_forward_rows = 0
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(self.text_scheduler.timesteps):
                 if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
                     logits = self.transformer(torch.cat([ids, ids]), t, context_mask=both_mask, context_kv=both_kv)
                     uncond_logits, cond_logits = logits.float().chunk(2)
                     logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)
+                    self._num_forward_rows += 2 * batch
                 else:
                     logits = self.transformer(ids, t, context_mask=context_mask, context_kv=cond_kv).float()
-                step = self.text_scheduler.step(
-                    logits, t, ids, mask_id, generator=generator, temperature=temperature, remasking=remasking
-                )
-                newly = (ids == mask_id) & (step.prev_sample != mask_id)
-                confidences = torch.where(newly, step.confidence, confidences)
-                ids = step.prev_sample
+                    self._num_forward_rows += batch
+                # a template blank is a word: pad there would cut the caption short
+                logits[..., pad_id] = logits[..., pad_id].masked_fill(blanks, float("-inf"))
+                prev, step_conf = self._step(logits, t, ids, generator, temperature, remasking)
+                newly = (ids == mask_id) & (prev != mask_id)
+                confidences = torch.where(newly, step_conf, confidences)
+                ids = prev
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"token_ids": ids})
-                    ids = out.pop("token_ids", ids)
+                    ids = (out or {}).get("token_ids", ids)
                 progress.update()
 
+        # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree
+        ended = (ids == pad_id).long().cumsum(1) > 0
+        ids = ids.masked_fill(ended, pad_id)
         text = decode_captions(self.tokenizer, ids)
         self.maybe_free_model_hooks()
         token_ids, conf = (ids, confidences) if return_tokens else (None, None)
@@ -113,24 +152,55 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             return (text, token_ids, conf)
         return CaptionPipelineOutput(text=text, token_ids=token_ids, confidences=conf)
 
-    def _initial_tokens(
-        self, prompt: str | list[str] | None, batch: int, max_length: int, device
+    def _step(
+        self,
+        logits: torch.Tensor,
+        t: torch.Tensor,
+        ids: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        temperature: float,
+        remasking: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L) ids with masks at free positions and the bool (N, L) map of fixed positions."""
-        mask_id = self.mask_token_id
+        """One scheduler step; with one generator per caption, each row draws its noise from its own generator."""
+        kwargs = {"temperature": temperature, "remasking": remasking}
+        if not isinstance(generator, list):
+            out = self.text_scheduler.step(logits, t, ids, self.mask_token_id, generator=generator, **kwargs)
+            return out.prev_sample, out.confidence
+        rows = [
+            self.text_scheduler.step(logits[r : r + 1], t, ids[r : r + 1], self.mask_token_id, generator=g, **kwargs)
+            for r, g in enumerate(generator)
+        ]
+        return torch.cat([r.prev_sample for r in rows]), torch.cat([r.confidence for r in rows])
+
+    def initial_tokens(
+        self, prompt: str | list[str] | None, batch: int, max_length: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The starting caption for each of `batch` rows.
+
+        Returns ids (N, L) with masks at free positions, the bool map (N, L) of fixed positions, and the bool map
+        (N, L) of template blanks (free positions that must become words). A template's caption ends where the
+        template ends: the positions after it are fixed to pad.
+        """
+        mask_id, pad_id = self.mask_token_id, self.tokenizer.pad_token_id
         ids = torch.full((batch, max_length), mask_id, dtype=torch.long, device=device)
+        blanks = torch.zeros_like(ids, dtype=torch.bool)
         if prompt is None:
-            return ids, torch.zeros_like(ids, dtype=torch.bool)
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+            return ids, torch.zeros_like(blanks), blanks
+        prompts = [prompt] * batch if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list | tuple) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if len(prompts) != batch:
-            raise ValueError(f"got {len(prompts)} prompts for {batch} images")
-        encoded, _ = encode_captions(self.tokenizer, prompts, max_length + 1)
-        pad = self.tokenizer.pad_token_id
+            raise ValueError(f"got {len(prompts)} prompts for {batch} captions")
+        encoded, _ = encode_captions(self.tokenizer, list(prompts), max_length + 1)
         for row, tokens in enumerate(encoded):
-            tokens = tokens[tokens != pad]
+            tokens = tokens[tokens != pad_id].to(device)
             if len(tokens) > max_length:
                 raise ValueError(
-                    f"prompt {prompts[row]!r} is {len(tokens)} tokens, longer than max_length={max_length}"
+                    f"prompt {prompts[row]!r} is {len(tokens)} tokens, longer than max_length={max_length}; "
+                    "raise max_length or shorten the prompt"
                 )
-            ids[row, : len(tokens)] = tokens.to(device)
-        return ids, ids != mask_id
+            ids[row, : len(tokens)] = tokens
+            if (tokens == mask_id).any():  # a template: exactly its own length, blanks filled with words
+                ids[row, len(tokens) :] = pad_id
+                blanks[row, : len(tokens)] = tokens == mask_id
+        return ids, ids != mask_id, blanks

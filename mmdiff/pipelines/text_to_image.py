@@ -1,27 +1,48 @@
-"""Text-to-image: Gaussian diffusion on VAE latents with classifier-free guidance."""
+"""Text-to-image: Gaussian diffusion on VAE latents with classifier-free guidance, and guidance-scale sweeps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion.gaussian import timestep_to_t
 from ..diffusion.guidance import classifier_free_guidance, guidance_active
 from ..models.vae import decode_latents, vae_downsample_factor
-from .common import MMDiffPipelineBase, check_guidance
+from .common import MMDiffPipelineBase, check_guidance, check_guidance_interval, per_sample_generators
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CALLBACK_TENSORS = ("latents",)
+
+
+@dataclass
+class GuidanceSweepOutput(BaseOutput):
+    """Images of one sweep, grouped by scale.
+
+    guidance_scales: the S scales, in the order given.
+    prompts: the N prompts, one per image within a group (each prompt repeated `num_images_per_prompt` times).
+    images: S entries, `images[s][n]` made from `prompts[n]` at `guidance_scales[s]` with the same seed for every s:
+        a list of PIL images, an (N, H, W, 3) numpy array, an (N, 3, H, W) tensor, or (N, C, h, w) latents.
+    """
+
+    guidance_scales: list[float]
+    prompts: list[str]
+    images: list[list[PIL.Image.Image] | np.ndarray | torch.Tensor]
 
 
 class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     """Generate images from captions with the shared MMDiT.
 
     Example:
-        >>> pipe = MMDiffTextToImagePipeline.from_pretrained("runs/shapes_tiny/pipeline")
+        >>> pipe = MMDiffTextToImagePipeline.from_pretrained("runs/demo/shapes_tiny/pipeline")
         >>> image = pipe("a small red circle above a large blue square", guidance_scale=3.0).images[0]
     """
 
@@ -42,121 +63,275 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature; never mutated
     ) -> ImagePipelineOutput | tuple:
         """Args follow diffusers' text-to-image pipelines; w = `guidance_scale` = 1 means no guidance.
 
+        prompt: a caption or a list; None or "" samples unconditionally (the learned null context).
+        negative_prompt: replaces the null context as the unconditional branch (one, or one per prompt).
         guidance_interval: (t_low, t_high) in [0, 1]; outside it only the conditional pass runs.
-        prompt None or "" samples unconditionally; negative_prompt replaces the null context as the unguided branch.
+        guidance_rescale: phi of Lin et al. 2024 in [0, 1].
+        generator: one generator, or a list with one per image (prompts x num_images_per_prompt) so each image is
+            reproducible on its own.
+        latents: (N, C, h, w) initial noise instead of drawing it.
+        output_type: "pil", "np" (N, H, W, 3) in [0, 1], "pt" (N, 3, H, W) in [0, 1] or "latent".
+        callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": ...}) -> dict`; a returned "latents" replaces
+            the current latents.
         """
-        # 1. check inputs
-        prompts = self._as_prompt_list(prompt)
-        check_guidance(guidance_scale, num_inference_steps)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        factor = vae_downsample_factor(self.vae)
-        height = height or self.image_size
-        width = width or self.image_size
-        for name, size in (("height", height), ("width", width)):
-            if size % (factor * self.transformer.config.patch_size):
-                raise ValueError(
-                    f"{name}={size} must be a multiple of {factor * self.transformer.config.patch_size} "
-                    f"(VAE downsampling {factor} x patch size {self.transformer.config.patch_size})"
-                )
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        if any(name not in ("latents",) for name in tensor_inputs):
-            raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {tensor_inputs}")
-        device = self._execution_device
-
-        # 2. encode the prompt and the unconditional branch once; their cross-attention K/V are fixed for the call
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        batch = len(prompts)
-        context, context_mask = self.encode_prompt(prompts)
-        use_cfg = guidance_scale != 1.0
-        if use_cfg:
-            if negative_prompt is not None:
-                negatives = self._as_prompt_list(negative_prompt, batch // num_images_per_prompt)
-                negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
-                uncond, uncond_mask = self.encode_prompt(negatives)
-            else:
-                uncond, uncond_mask = self.transformer.null_context("text", batch, context.shape[1])
-            length = max(context.shape[1], uncond.shape[1])
-            context, context_mask = _pad_context(context, context_mask, length)
-            uncond, uncond_mask = _pad_context(uncond.to(context.dtype), uncond_mask, length)
-            both_mask = torch.cat([uncond_mask, context_mask])
-            both_kv = self.transformer.context_kv(torch.cat([uncond, context]))  # (2N, ...): [uncond; cond]
-            cond_kv = [(k[batch:], v[batch:]) for k, v in both_kv]
-        else:
-            cond_kv = self.transformer.context_kv(context)
-
-        # 3. prepare latents
-        shape = (batch, self.transformer.config.in_channels, height // factor, width // factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=self.transformer.dtype) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        num_train = self.scheduler.config.num_train_timesteps
-
-        # 4. denoise
-        self._num_forward_rows = 0
-        extra_step_kwargs = self._step_kwargs(generator)
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
-            for i, timestep in enumerate(self.scheduler.timesteps):
-                t = timestep_to_t(timestep, num_train).to(device)
-                model_input = self.scheduler.scale_model_input(latents, timestep)
-                if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
-                    pred = self.transformer(
-                        torch.cat([model_input, model_input]), t, context_mask=both_mask, context_kv=both_kv
-                    )
-                    pred_uncond, pred_cond = pred.chunk(2)
-                    pred = classifier_free_guidance(pred_cond, pred_uncond, guidance_scale, guidance_rescale)
-                    self._num_forward_rows += 2 * batch
-                else:
-                    pred = self.transformer(model_input, t, context_mask=context_mask, context_kv=cond_kv)
-                    self._num_forward_rows += batch
-                latents = self.scheduler.step(pred, timestep, latents, **extra_step_kwargs).prev_sample
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, timestep, {"latents": latents})
-                    latents = out.pop("latents", latents)
-                progress.update()
-
-        # 5. decode
-        if output_type == "latent":
-            images = latents
-        else:
-            pixels = decode_latents(self.vae, latents.to(self.vae.dtype))
-            images = VaeImageProcessor(do_normalize=True).postprocess(pixels.float(), output_type=output_type)
+        latents = self._sample(
+            prompt,
+            negative_prompt,
+            [guidance_scale],
+            num_inference_steps,
+            guidance_interval,
+            guidance_rescale,
+            num_images_per_prompt,
+            height,
+            width,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )[1]
+        images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
 
-    def _step_kwargs(self, generator) -> dict:
-        import inspect
+    @torch.no_grad()
+    def guidance_sweep(
+        self,
+        prompt: str | list[str] | None,
+        guidance_scales: Sequence[float],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ) -> GuidanceSweepOutput:
+        """The same prompts and initial noise at several guidance scales, in one batched denoising loop.
 
+        Every scale starts from the same N initial latents (drawn once from `generator`, or `latents`), so the images
+        of one prompt and seed differ only by w. Each step runs one forward of S*N conditional rows plus N unguided
+        rows for every scale that needs them (w != 1, inside `guidance_interval`). With a deterministic scheduler
+        (DDIM, DPM-Solver++, Euler, UniPC) `images[s]` equals `pipe(..., guidance_scale=guidance_scales[s])` with the
+        same seeds, up to float rounding; stochastic schedulers (DDPM, Euler ancestral) draw fresh step noise per row.
+
+        Returns `GuidanceSweepOutput` with `images[s]` for `guidance_scales[s]` (see its docstring for the layout).
+        """
+        scales = [float(w) for w in guidance_scales] if not isinstance(guidance_scales, int | float) else []
+        if not scales:
+            raise ValueError("guidance_scales must be a non-empty list of numbers, e.g. [1.0, 2.0, 4.0]")
+        prompts, latents = self._sample(
+            prompt,
+            negative_prompt,
+            scales,
+            num_inference_steps,
+            guidance_interval,
+            guidance_rescale,
+            num_images_per_prompt,
+            height,
+            width,
+            generator,
+            latents,
+            output_type,
+        )
+        groups = latents.chunk(len(scales))
+        images = [self._postprocess(group, output_type) for group in groups]
+        self.maybe_free_model_hooks()
+        return GuidanceSweepOutput(guidance_scales=scales, prompts=prompts, images=images)
+
+    # ------------------------------------------------------------------ steps
+
+    def check_inputs(
+        self,
+        guidance_scales: list[float],
+        num_inference_steps: int,
+        guidance_rescale: float,
+        num_images_per_prompt: int,
+        height: int,
+        width: int,
+        output_type: str,
+        tensor_inputs: Sequence[str],
+    ) -> None:
+        """Every argument error is a ValueError naming the argument and what it accepts."""
+        for w in guidance_scales:
+            check_guidance(w, num_inference_steps)
+        if not np.isfinite(guidance_rescale) or not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        multiple = vae_downsample_factor(self.vae) * self.transformer.config.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size < multiple or size % multiple:
+                raise ValueError(
+                    f"{name}={size} cannot be produced: it must be a positive multiple of {multiple} "
+                    f"(VAE downsampling {vae_downsample_factor(self.vae)} x patch size "
+                    f"{self.transformer.config.patch_size})"
+                )
+        unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSORS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {CALLBACK_TENSORS}, got {unknown}")
+
+    def _sample(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        guidance_scales: list[float],
+        num_inference_steps: int,
+        guidance_interval: tuple[float, float] | None,
+        guidance_rescale: float,
+        num_images_per_prompt: int,
+        height: int | None,
+        width: int | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS,
+    ) -> tuple[list[str], torch.Tensor]:
+        """Denoise S = len(guidance_scales) groups of N images in one loop.
+
+        Returns the N expanded prompts and the final latents (S*N, C, h, w), group s holding scale s.
+        """
+        # 1. check inputs
+        height = self.image_size if height is None else height
+        width = self.image_size if width is None else width
+        self.check_inputs(
+            guidance_scales,
+            num_inference_steps,
+            guidance_rescale,
+            num_images_per_prompt,
+            height,
+            width,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        guidance_interval = check_guidance_interval(guidance_interval)
+        device = self._execution_device
+        prompts = [p for p in as_prompt_list(prompt) for _ in range(num_images_per_prompt)]
+        n, s = len(prompts), len(guidance_scales)
+        generator = per_sample_generators(generator, n)
+
+        # 2. encode the prompt and the unconditional branch once: their cross-attention K/V are fixed for the call
+        context, context_mask = self.encode_prompt(prompts)
+        needs_uncond = any(w != 1.0 for w in guidance_scales)
+        if needs_uncond:
+            if negative_prompt is not None:
+                negatives = as_prompt_list(negative_prompt, n // num_images_per_prompt, "negative_prompt")
+                uncond, uncond_mask = self.encode_prompt([p for p in negatives for _ in range(num_images_per_prompt)])
+            else:
+                uncond, uncond_mask = self.transformer.null_context("text", n, context.shape[1])
+            length = max(context.shape[1], uncond.shape[1])
+            context, context_mask = pad_context(context, context_mask, length)
+            uncond, uncond_mask = pad_context(uncond.to(context.dtype), uncond_mask, length)
+            # rows [uncond of every group; cond of every group]: (2 S N, ...)
+            context = torch.cat([uncond.repeat(s, 1, 1), context.repeat(s, 1, 1)])
+            context_mask = torch.cat([uncond_mask.repeat(s, 1), context_mask.repeat(s, 1)])
+        else:
+            context, context_mask = context.repeat(s, 1, 1), context_mask.repeat(s, 1)
+        context_kv = self.transformer.context_kv(context)
+        rows = s * n  # conditional rows; the last `rows` rows of the context
+
+        # 3. prepare latents: one draw of N, shared by every group of the sweep
+        shape = (n, self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device=device, dtype=self.transformer.dtype).repeat(s, 1, 1, 1)
+        latents = latents * self.scheduler.init_noise_sigma
+        num_train = self.scheduler.config.num_train_timesteps
+        step_kwargs = self._step_kwargs(generator * s if isinstance(generator, list) else generator)
+
+        # 4. denoise
+        self._num_forward_rows = 0
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
+            for i, timestep in enumerate(self.scheduler.timesteps):
+                t = timestep_to_t(timestep, num_train).to(device)
+                model_input = self.scheduler.scale_model_input(latents, timestep)
+                active = [guidance_active(float(t), w, guidance_interval) for w in guidance_scales]
+                # unconditional rows only for the groups that are guided at this t
+                uncond_rows = torch.cat(
+                    [torch.arange(g * n, (g + 1) * n, device=device) for g in range(s) if active[g]]
+                    or [torch.zeros(0, dtype=torch.long, device=device)]
+                )
+                cond_start = context.shape[0] - rows
+                if all(active):  # every group guided: the cached K/V as they are
+                    kv, mask, x = context_kv, context_mask, torch.cat([model_input, model_input])
+                elif not any(active):  # conditional rows only: views of the cache, no copy
+                    kv = [(k[cond_start:], v[cond_start:]) for k, v in context_kv]
+                    mask, x = context_mask[cond_start:], model_input
+                else:
+                    keep = torch.cat([uncond_rows, torch.arange(cond_start, context.shape[0], device=device)])
+                    kv = [(k[keep], v[keep]) for k, v in context_kv]
+                    mask, x = context_mask[keep], torch.cat([model_input[uncond_rows], model_input])
+                pred = self.transformer(x, t, context_mask=mask, context_kv=kv)
+                self._num_forward_rows += x.shape[0]
+                pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+                guided, start = [], 0
+                for g, w in enumerate(guidance_scales):
+                    cond = pred_cond[g * n : (g + 1) * n]
+                    if active[g]:
+                        cond = classifier_free_guidance(cond, pred_uncond[start : start + n], w, guidance_rescale)
+                        start += n
+                    guided.append(cond)
+                latents = self.scheduler.step(torch.cat(guided), timestep, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents}
+                    out = callback_on_step_end(
+                        self, i, timestep, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    )
+                    latents = (out or {}).get("latents", latents)
+                progress.update()
+        return prompts, latents
+
+    @property
+    def vae_scale(self) -> int:
+        return vae_downsample_factor(self.vae)
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        """(N, C, h, w) latents -> images of `output_type`."""
+        if output_type == "latent":
+            return latents
+        pixels = decode_latents(self.vae, latents.to(self.vae.dtype))
+        return VaeImageProcessor(do_normalize=True).postprocess(pixels.float(), output_type=output_type)
+
+    def _step_kwargs(self, generator) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
 
-    @staticmethod
-    def _as_prompt_list(prompt: str | list[str] | None, batch: int = 1) -> list[str]:
-        if prompt is None:
-            return [""] * batch
-        if isinstance(prompt, str):
-            return [prompt] * batch
-        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        if not prompt:
-            raise ValueError("prompt is an empty list; pass None or '' for unconditional samples")
-        if batch > 1 and len(prompt) != batch:
-            raise ValueError(f"negative_prompt has {len(prompt)} entries for {batch} prompts")
-        return list(prompt)
+
+def as_prompt_list(prompt: str | list[str] | None, batch: int | None = None, name: str = "prompt") -> list[str]:
+    """None -> [""] * batch (unconditional), a string -> [prompt] * batch, a non-empty list of strings as is; with
+    `batch` given, a list must have exactly `batch` entries."""
+    if prompt is None:
+        return [""] * (batch or 1)
+    if isinstance(prompt, str):
+        return [prompt] * (batch or 1)
+    if not isinstance(prompt, list | tuple) or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{name} is an empty list; pass None or '' for unconditional samples")
+    if batch is not None and len(prompt) != batch:
+        raise ValueError(f"{name} has {len(prompt)} entries for {batch} prompts")
+    return list(prompt)
 
 
-def _pad_context(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_context(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a context (N, S, D) and its key mask (N, S) to `length` with masked-out zeros."""
     pad = length - context.shape[1]
     if pad <= 0:
         return context, mask

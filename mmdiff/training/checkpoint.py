@@ -42,8 +42,23 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]*$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (missing or truncated file); an older checkpoint may still be usable."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose tensors do not fit the configured model (a different config)."""
+
+
 def atomic_dir(final: Path):
-    """A context manager yielding a temporary sibling folder that is renamed to `final` on success."""
+    """A context manager yielding a temporary sibling folder that is renamed to `final` on success.
+
+    The temporary folder is ``.<name>.tmp-XXXX`` (hidden and never matched by :data:`CHECKPOINT_RE`), so a crash
+    at any point leaves either the old `final` or the new one, plus debris that :func:`clean_stale_temp` removes.
+    """
 
     class _Atomic:
         def __enter__(self):
@@ -63,9 +78,41 @@ def atomic_dir(final: Path):
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.tmp, final)
+            _fsync_dir(final.parent)  # the rename itself must reach the disk before older checkpoints are pruned
             return False
 
     return _Atomic()
+
+
+def clean_stale_temp(folder: Path) -> list[str]:
+    """Remove what a crash inside :func:`atomic_dir` left in `folder`; returns the names handled.
+
+    ``.<name>.tmp-*`` folders are half-written and deleted. ``.<name>.old-*`` is a complete previous version moved
+    aside just before its replacement was renamed in: it is restored when the crash came between the two renames
+    (`<name>` is missing), otherwise deleted. Only call this when no other process is writing into `folder`.
+    """
+    handled: list[str] = []
+    if not folder.is_dir():
+        return handled
+    for entry in sorted(folder.iterdir()):
+        m = TEMP_RE.match(entry.name)
+        if m is None or not entry.is_dir():
+            continue
+        target = folder / m.group("name")
+        if m.group("kind") == "old" and not target.exists():
+            os.replace(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        handled.append(entry.name)
+    return handled
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -147,26 +194,62 @@ def save_training_state(
     (folder / "state.json").write_text(json.dumps({**extra, "optimizer": opt_meta, "rng": rng_meta}, indent=1))
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a truncated file, a pickle renamed to .safetensors) is refused."""
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for unreadable files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _check_fits(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (
+            f"shape of {wrong[0]!r} is {tuple(tensors[wrong[0]].shape)}, the model wants {tuple(expected[wrong[0]].shape)}"
+            if wrong
+            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+        raise CheckpointMismatchError(
+            f"{path} does not fit the configured model ({detail}); it was trained with the config.yaml saved beside "
+            "it: use that config, or a new train.output_dir"
+        )
+
+
 def load_training_state(
     folder: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict:
-    """Restore what `save_training_state` wrote; returns the `extra` dict (step, scheduler state, ...)."""
+    """Restore what `save_training_state` wrote; returns the `extra` dict (step, scheduler state, ...).
+
+    Everything is read and checked before anything is modified, so a failed load leaves the modules untouched.
+    Raises CheckpointError for missing or unreadable files, CheckpointMismatchError when the tensors do not fit.
+    """
     missing = [
         n
         for n in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
         if not (folder / n).is_file()
     ]
     if missing:
-        raise FileNotFoundError(f"training state in {folder} is incomplete: missing {', '.join(missing)}")
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(folder / "model.safetensors"))
-    ema.load_state_dict(load_file(folder / "ema.safetensors"))
-    optimizer.load_state_dict(
-        optimizer_state_from_safetensors(load_file(folder / "optimizer.safetensors"), meta.pop("optimizer"))
-    )
+        raise CheckpointError(f"training state in {folder} is incomplete: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{folder / 'state.json'} is not valid JSON ({err})") from None
+    weights = _read_safetensors(folder / "model.safetensors")
+    ema_weights = _read_safetensors(folder / "ema.safetensors")
+    opt_tensors = _read_safetensors(folder / "optimizer.safetensors")
+    rng_tensors = _read_safetensors(folder / "rng.safetensors") if (folder / "rng.safetensors").is_file() else None
+    _check_fits(model, weights, folder / "model.safetensors")
+    _check_fits(ema, ema_weights, folder / "ema.safetensors")
+    model.load_state_dict(weights)
+    ema.load_state_dict(ema_weights)
+    optimizer.load_state_dict(optimizer_state_from_safetensors(opt_tensors, meta.pop("optimizer")))
     rng_meta = meta.pop("rng")
-    if (folder / "rng.safetensors").is_file():
-        set_rng_state(load_file(folder / "rng.safetensors"), rng_meta)
+    if rng_tensors is not None:
+        set_rng_state(rng_tensors, rng_meta)
     return meta
 
 

@@ -2,11 +2,13 @@
 
 Stages, each skipped when its output already exists in `train.output_dir`: tokenizer, tiny VAE (unless a pretrained
 one is configured), then the DiT. Checkpoints hold a sampling-ready pipeline folder with the EMA weights plus the full
-training state, all safetensors + JSON.
+training state, all safetensors + JSON, written atomically. `resume=True` (or `train.resume=auto`) continues from the
+newest complete checkpoint exactly where it stopped (see `resume.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -18,9 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, to_yaml
-from ..data.loader import SkipStats, expand_urls, make_dataloader, read_captions
-from ..data.tokenizer import build_tokenizer, load_tokenizer
+from ..config import Config, check_paths, to_yaml
+from ..data.loader import SKIP_REASONS, make_dataloader
 from ..diffusion.gaussian import make_noise_scheduler
 from ..models.attention import set_attention_backend
 from ..models.text_encoders import (
@@ -29,18 +30,31 @@ from ..models.text_encoders import (
     load_frozen_text_encoder,
     tokenize_for_frozen_encoder,
 )
-from ..models.transformer import MMDiTModel
-from ..models.vae import encode_latents, load_vae, tiny_vae, vae_downsample_factor
+from ..models.vae import encode_latents
 from .checkpoint import (
     atomic_dir,
     checkpoint_name,
+    clean_stale_temp,
     latest_checkpoint,
-    load_training_state,
     prune_checkpoints,
     save_training_state,
 )
 from .losses import JointObjective, LossWeights
-from .vae_trainer import train_vae
+from .resume import (
+    NonFiniteLossError,
+    any_process,
+    load_latest_training_state,
+    maybe_hang_in_save,
+    maybe_write_param_digest,
+    restore_skip_counts,
+    skip_counts_per_process,
+    step_generator,
+    total_skips,
+    trim_metrics,
+)
+from .stages import build_model, build_pipeline, prepare_tokenizer, prepare_vae
+
+__all__ = ["build_model", "build_pipeline", "get_lr_factor", "prepare_tokenizer", "prepare_vae", "train", "update_ema"]
 
 
 def get_lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -61,110 +75,38 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
 
 
-def prepare_tokenizer(cfg: Config, out: Path, accelerator: Accelerator):
-    folder = out / "tokenizer"
-    if not folder.is_dir():
-        if accelerator.is_main_process:
-            captions = read_captions(expand_urls(cfg.data.train_shards)) if cfg.tokenizer.kind == "word" else None
-            tokenizer = build_tokenizer(cfg.tokenizer.kind, captions=captions, path=cfg.tokenizer.path)
-            with atomic_dir(folder) as tmp:
-                tokenizer.save_pretrained(tmp)
-        accelerator.wait_for_everyone()
-    return load_tokenizer(folder)
-
-
-def prepare_vae(cfg: Config, out: Path, tokenizer, accelerator: Accelerator):
-    if cfg.vae.pretrained_path:
-        return load_vae(cfg.vae.pretrained_path)
-    folder = out / "vae"
-    if not folder.is_dir():
-        if accelerator.is_main_process:
-            loader = make_dataloader(
-                cfg.data.train_shards,
-                tokenizer,
-                cfg.data.image_size,
-                cfg.data.max_length,
-                cfg.vae.batch_size,
-                num_workers=cfg.data.num_workers,
-                seed=cfg.train.seed + 1,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-            )
-            vae = tiny_vae(cfg.data.image_size, cfg.vae.latent_channels, tuple(cfg.vae.block_out_channels))
-            stats = train_vae(
-                vae,
-                (b["pixel_values"] for b in loader),
-                cfg.vae.train_steps,
-                lr=cfg.vae.lr,
-                kl_weight=cfg.vae.kl_weight,
-                out_dir=folder,
-                device=accelerator.device,
-                seed=cfg.train.seed,
-            )
-            print(f"VAE trained: {json.dumps(stats)}")
-        accelerator.wait_for_everyone()
-    return load_vae(folder)
-
-
-def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> MMDiTModel:
-    m = cfg.model
-    factor = vae_downsample_factor(vae)
-    if cfg.data.image_size % (factor * m.patch_size):
-        raise ValueError(
-            f"data.image_size={cfg.data.image_size} is not divisible by VAE factor {factor} x patch {m.patch_size}"
-        )
-    return MMDiTModel(
-        sample_size=cfg.data.image_size // factor,
-        in_channels=vae.config.latent_channels,
-        patch_size=m.patch_size,
-        vocab_size=len(tokenizer),
-        max_text_length=cfg.data.max_length,
-        hidden_size=m.hidden_size,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        text_encoder_depth=0 if external_text_dim else m.text_encoder_depth,
-        image_encoder_depth=m.image_encoder_depth,
-        # a frozen encoder replaces the joint one: no unused encoder layers (DDP would refuse them) null_context_length=m.null_context_length,
-        external_text_dim=external_text_dim,
-    )
-
-
-def build_pipeline(transformer, vae, noise_scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None):
-    """The sampling pipeline for a trained model (DDIM with trailing timesteps by default; swap the diffusers way)."""
-    from diffusers import DDIMScheduler
-
-    from ..diffusion.masked import MaskedDiffusionScheduler
-    from ..pipelines.text_to_image import MMDiffTextToImagePipeline
-
-    return MMDiffTextToImagePipeline(
-        transformer=transformer,
-        vae=vae,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing"),
-        text_scheduler=MaskedDiffusionScheduler(),
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        text_encoder_tokenizer=text_encoder_tokenizer,
-    )
-
-
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Train the shared DiT as configured; returns a summary (steps, first/last losses, output folders)."""
+    """Train the shared DiT as configured; returns a summary (steps, losses, skipped records, output folders).
+
+    `resume` (or `train.resume=auto`) continues from the newest complete checkpoint in `train.output_dir`; without
+    it, a folder that already holds checkpoints is refused rather than silently mixed with a new run.
+    """
+    check_paths(cfg)
+    resume = resume or cfg.train.resume == "auto"
     mixed = cfg.train.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
     out = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        log_with=list(cfg.train.trackers) or None,
-        project_dir=str(out),
-    )
-    set_seed(cfg.train.seed + accelerator.process_index)
+    ckpt_root = out / "checkpoints"
+    # Gradient accumulation is done by hand (no_sync + one clip/step per window) so that a non-finite window can be
+    # dropped as a whole, identically on every process.
+    accelerator = Accelerator(mixed_precision=mixed, log_with=list(cfg.train.trackers) or None, project_dir=str(out))
+    # The same seed on every process: identical initial weights and EMA; per-process randomness is step_generator's.
+    set_seed(cfg.train.seed)
     set_attention_backend(cfg.model.attention_backend)
-    main = accelerator.is_main_process
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise ValueError(
+            f"{out} already holds checkpoints up to {latest_checkpoint(ckpt_root).name}: pass --resume "
+            "(or train.resume=auto) to continue that run, or choose another train.output_dir"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, ckpt_root):
+            for name in clean_stale_temp(folder):
+                print(f"removed or restored {folder / name} left by an interrupted save")
         (out / "config.yaml").write_text(to_yaml(cfg))
+    accelerator.wait_for_everyone()
 
     tokenizer = prepare_tokenizer(cfg, out, accelerator)
     vae = prepare_vae(cfg, out, tokenizer, accelerator).to(accelerator.device).requires_grad_(False).eval()
@@ -172,6 +114,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if cfg.text_encoder.kind != "joint":
         text_encoder, encoder_tokenizer = load_frozen_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.path)
         text_encoder.to(accelerator.device)
+    set_seed(cfg.train.seed)  # the VAE stage ran only on the main process: re-align the RNG before model init
     model = build_model(cfg, tokenizer, vae, frozen_encoder_dim(text_encoder) if text_encoder is not None else None)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -195,24 +138,41 @@ def train(cfg: Config, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay
     )
+    # Not passed through accelerator.prepare: accelerate would step it once per process per step, and the
+    # schedule here is defined in optimizer steps.
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: get_lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule, t.min_lr_ratio)
     )
 
-    step = 0
-    ckpt_root = out / "checkpoints"
-    if resume and (last := latest_checkpoint(ckpt_root)) is not None:
-        extra = load_training_state(last / "training_state", model, ema, optimizer)
-        lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        step = extra["step"]
-        accelerator.print(f"resumed from {last} at step {step}")
+    step = batches_consumed = images_seen = nonfinite_skipped = 0
+    skips = restore_skip_counts({}, rank, accelerator.num_processes)
+    resumed_from = None
+    if resume:
+        extra, resumed_from = load_latest_training_state(ckpt_root, model, ema, optimizer, accelerator.print)
+        if extra is None:
+            accelerator.print(f"no complete checkpoint in {ckpt_root}: starting from step 0")
+        else:
+            lr_scheduler.load_state_dict(extra["lr_scheduler"])
+            step, batches_consumed = extra["step"], extra.get("batches_consumed", extra["step"] * t.grad_accum_steps)
+            images_seen, nonfinite_skipped = extra.get("images_seen", 0), extra.get("nonfinite_skipped", 0)
+            skips = restore_skip_counts(extra, rank, accelerator.num_processes)
+            if extra.get("num_processes", 1) != accelerator.num_processes:
+                accelerator.print(
+                    f"warning: {resumed_from} was written by {extra.get('num_processes', 1)} process(es), this run "
+                    f"has {accelerator.num_processes}: the data order differs from an uninterrupted run"
+                )
+            accelerator.print(f"resumed from {resumed_from} at step {step}")
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        trim_metrics(metrics_path, step if resumed_from is not None else None)
     objective = JointObjective(model, noise_scheduler, weights, tokenizer.pad_token_id, tokenizer.mask_token_id)
-    objective, optimizer, lr_scheduler = accelerator.prepare(objective, optimizer, lr_scheduler)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
     ema.to(accelerator.device)
     if main and t.trackers:
         accelerator.init_trackers("mmdiff", config={"max_steps": t.max_steps, "lr": t.lr, "batch_size": t.batch_size})
 
-    # the loader splits shards by process and worker itself, so it is not passed through accelerator.prepare
+    # The loader splits shards by process and worker itself, so it is not passed through accelerator.prepare; it is
+    # a pure function of the seed and starts after the batches this process consumed before the checkpoint.
     loader = make_dataloader(
         cfg.data.train_shards,
         tokenizer,
@@ -220,9 +180,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         cfg.data.max_length,
         t.batch_size,
         num_workers=cfg.data.num_workers,
-        seed=t.seed + step,
+        seed=t.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         caption_choice=cfg.data.caption_choice,
+        skip_batches=batches_consumed,
     )
     eval_batch = None
     if cfg.data.val_shards:
@@ -243,24 +204,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
             )
         )
 
-    def batch_inputs(batch):
+    def losses_for(batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"].to(accelerator.device)
         ids = batch["input_ids"].to(accelerator.device)
+        frozen_text = None
         with torch.no_grad():
-            latents = encode_latents(vae, pixels.to(vae.dtype)).float()
-            frozen_text = None
+            latents = encode_latents(vae, pixels.to(vae.dtype), generator=generator).float()
             if text_encoder is not None:
                 enc_ids, enc_mask = tokenize_for_frozen_encoder(
                     encoder_tokenizer, batch["captions"], cfg.text_encoder.max_length
                 )
-                hidden = encode_with_frozen_encoder(
-                    text_encoder, enc_ids.to(accelerator.device), enc_mask.to(accelerator.device)
-                )
-                frozen_text = (hidden.float(), enc_mask.to(accelerator.device))
-        return latents, ids, frozen_text
-
-    def losses_for(batch, generator=None):
-        latents, ids, frozen_text = batch_inputs(batch)
+                enc_ids, enc_mask = enc_ids.to(accelerator.device), enc_mask.to(accelerator.device)
+                frozen_text = (encode_with_frozen_encoder(text_encoder, enc_ids, enc_mask).float(), enc_mask)
         return objective(latents, ids, frozen_text, generator)
 
     @torch.no_grad()
@@ -273,7 +228,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
         objective.train()
         return {"eval_loss_image": float(losses["loss_image"]), "eval_loss_text": float(losses["loss_text"])}
 
-    metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
     def log(record: dict) -> None:
@@ -285,17 +239,28 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     def save(final: bool = False) -> Path | None:
+        # Every process takes part: the skip counts are gathered, then only the main process writes.
+        per_process = skip_counts_per_process(accelerator, skips)
         accelerator.wait_for_everyone()
         if not main:
             return None
         pipe = build_pipeline(ema, vae, noise_scheduler, tokenizer, text_encoder, encoder_tokenizer)
         target = ckpt_root / checkpoint_name(step)
+        extra = {
+            "step": step,
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "batches_consumed": batches_consumed,
+            "images_seen": images_seen,
+            "nonfinite_skipped": nonfinite_skipped,
+            "num_processes": accelerator.num_processes,
+            "skip_reasons": list(SKIP_REASONS),
+            "skips_per_process": per_process,
+        }
         with atomic_dir(target) as tmp:
+            save_training_state(tmp / "training_state", model, ema, optimizer, extra)
+            maybe_hang_in_save(step, out)
             pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
             (tmp / "pipeline" / "mmdiff_config.yaml").write_text(to_yaml(cfg))
-            save_training_state(
-                tmp / "training_state", model, ema, optimizer, {"step": step, "lr_scheduler": lr_scheduler.state_dict()}
-            )
             (tmp / "config.yaml").write_text(to_yaml(cfg))
         prune_checkpoints(ckpt_root, t.keep_checkpoints)
         if final:
@@ -304,52 +269,71 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 (tmp / "mmdiff_config.yaml").write_text(to_yaml(cfg))
         return target
 
-    first_eval = evaluate()
-    log({"step": step, **first_eval})
-    skips = SkipStats()
+    if resumed_from is None:
+        log({"step": step, **evaluate()})
     objective.train()
     started = time.time()
-    images_seen, window_start, window_images = 0, time.time(), 0
+    window_start, window_images = time.time(), 0
     progress = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     data_iter = iter(loader)
     last_losses: dict[str, float] = {}
     while step < t.max_steps:
-        for _ in range(t.grad_accum_steps):
+        nonfinite_loss, step_images = False, 0
+        for micro in range(t.grad_accum_steps):
             batch = next(data_iter)
+            batches_consumed += 1
             skips.accumulate(batch["skips"])
-            with accelerator.accumulate(objective), accelerator.autocast():
-                losses = losses_for(batch)
-                if not torch.isfinite(losses["loss"]):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step}: image {float(losses['loss_image'])}, "
-                        f"text {float(losses['loss_text'])}; the last good checkpoint is in {ckpt_root}"
-                    )
-                accelerator.backward(losses["loss"])
-                grad_norm = (
-                    accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
-                    if accelerator.sync_gradients
-                    else None
+            generator = step_generator(t.seed, rank, batches_consumed, accelerator.device)
+            # Gradients are all-reduced only on the window's last micro-batch.
+            sync = contextlib.nullcontext() if micro == t.grad_accum_steps - 1 else accelerator.no_sync(objective)
+            with sync:
+                with accelerator.autocast():
+                    losses = losses_for(batch, generator)
+                nonfinite_loss |= not bool(torch.isfinite(losses["loss"]))
+                # Backward even on a NaN: DDP expects it after every forward; the gradients are dropped below.
+                accelerator.backward(losses["loss"] / t.grad_accum_steps)
+            step_images += batch["pixel_values"].shape[0] * accelerator.num_processes
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
+        last_losses = {"loss_image": float(losses["loss_image"]), "loss_text": float(losses["loss_text"])}
+        if any_process(accelerator, nonfinite_loss) or not bool(torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            where = (
+                f"non-finite loss at step {step + 1} (image {last_losses['loss_image']}, text "
+                f"{last_losses['loss_text']}, grad norm {float(grad_norm)})"
+            )
+            if t.on_nonfinite == "stop":
+                kept = latest_checkpoint(ckpt_root)
+                raise NonFiniteLossError(
+                    f"{where}: training stopped; the last good checkpoint is {kept or 'none (no checkpoint yet)'}. "
+                    "Resume with --resume after lowering train.lr, or set train.on_nonfinite=skip to skip such batches"
                 )
-                optimizer.step()
-                lr_scheduler.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
-            window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
+            nonfinite_skipped += 1
+            accelerator.print(f"{where}: batch skipped ({nonfinite_skipped} so far)")
+            continue
+        optimizer.step()
+        if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with overflowing gradients
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, t.ema_decay, step)
         step += 1
-        images_seen += window_images
-        last_losses = {"loss_image": float(losses["loss_image"]), "loss_text": float(losses["loss_text"])}
+        images_seen += step_images
+        window_images += step_images
         progress.update()
         progress.set_postfix(img=f"{last_losses['loss_image']:.4f}", txt=f"{last_losses['loss_text']:.3f}")
-        out_of_time = t.max_minutes is not None and (time.time() - started) > 60 * t.max_minutes
+        # Every process must agree, or one would wait in save() for the others forever.
+        out_of_time = t.max_minutes is not None and any_process(
+            accelerator, (time.time() - started) > 60 * t.max_minutes
+        )
         if step % t.log_every == 0 or step == t.max_steps or out_of_time:
             elapsed = max(time.time() - window_start, 1e-9)
             record = {
                 "step": step,
                 **last_losses,
                 "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": float(grad_norm),
                 "images_per_s": window_images / elapsed,
                 "skipped": skips.total,
+                "nonfinite_skipped": nonfinite_skipped,
             }
             if step % t.eval_every == 0 or step == t.max_steps or out_of_time:
                 record.update(evaluate())
@@ -364,6 +348,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     final_ckpt = save(final=True)
     if main and t.trackers:
         accelerator.end_training()
+    skip_totals = total_skips(skip_counts_per_process(accelerator, skips))
+    maybe_write_param_digest(model, rank)
     evals = [r for r in history if "eval_loss_image" in r]
     summary = {
         "steps": step,
@@ -371,11 +357,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
         "minutes": (time.time() - started) / 60,
         "first_eval": evals[0] if evals else None,
         "last_eval": evals[-1] if evals else None,
-        "skips": skips.counts,
+        "last_losses": last_losses,
+        "skips": skip_totals,
+        "nonfinite_skipped": nonfinite_skipped,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "num_processes": accelerator.num_processes,
         "pipeline": str(out / "pipeline"),
-        "checkpoint": str(final_ckpt),
+        "checkpoint": str(final_ckpt) if final_ckpt else None,
     }
     if main:
-        accelerator.print(f"skipped records: {skips.summary()}")
+        kinds = ", ".join(f"{k}={n}" for k, n in skip_totals.items()) or "none"
+        accelerator.print(
+            f"done at step {step}: skipped records: {kinds}; non-finite batches skipped: {nonfinite_skipped}"
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +19,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from mmdiff.models.vae import measure_latent_statistics
+from mmdiff.training.checkpoint import atomic_dir
 
 METRICS_FILE = "vae_metrics.jsonl"
 
@@ -50,28 +49,15 @@ def _vae_losses(
 def save_vae_atomically(vae: AutoencoderKL, out_dir: str | os.PathLike, metrics: list[dict] | None = None) -> Path:
     """Save ``vae`` (safetensors) to ``out_dir`` so that a crash never leaves a half-written folder.
 
-    Everything is written into a sibling ``<name>.tmp-XXXX`` folder first and then renamed into place; an existing
-    ``out_dir`` is moved aside and deleted only after the new one is in place.
+    Written through :func:`~mmdiff.training.checkpoint.atomic_dir`: a hidden temporary sibling renamed into place
+    when complete; an existing ``out_dir`` is moved aside and deleted only after the new one is in place.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         vae.save_pretrained(tmp_dir, safe_serialization=True)
         if metrics:
             with open(tmp_dir / METRICS_FILE, "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in metrics)
-        old_dir = None
-        if out_dir.exists():
-            # rename() cannot replace a non-empty directory, so move the old one aside first.
-            old_dir = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old_dir / out_dir.name)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
     return out_dir
 
 

@@ -1,0 +1,88 @@
+"""Convert a folder of images with same-named caption files into webdataset shards.
+
+``photos/cat 1.jpg`` + ``photos/cat 1.txt`` [+ ``photos/cat 1.json``] becomes the sample ``photos/cat_1`` with the
+image bytes stored unchanged (``.jpg``), the caption as ``.txt`` and the optional attributes as ``.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mmdiff.data.shapes import ShardSink
+
+DEFAULT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def sanitize_key(relative: Path) -> str:
+    """A webdataset key from a relative path without suffix: only ``[A-Za-z0-9_-/]``.
+
+    Dots must go because webdataset splits the key from the field at the first dot of a file name.
+    """
+    parts = [re.sub(r"[^A-Za-z0-9_-]+", "_", part).strip("_") or "_" for part in relative.with_suffix("").parts]
+    return "/".join(parts)
+
+
+def convert_folder(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_size: int = 1000,
+    image_exts: tuple[str, ...] = DEFAULT_IMAGE_EXTS,
+) -> dict[str, Any]:
+    """Write ``out/shard-000000.tar ...`` from every image under ``src`` (recursive, sorted) that has a caption.
+
+    Images without a same-named ``.txt`` are skipped and counted, and so are files that resolve outside ``src``
+    (a symlink pointing elsewhere), so a conversion never packs files from outside the folder it was given. Returns
+    ``{"written", "skipped_no_caption", "skipped_bad_caption", "skipped_outside_src", "duplicate_keys", "shards"}``.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"image folder not found: {src}")
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in image_exts}
+    images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    sink = ShardSink(out, shard_size)
+    stats = {
+        "written": 0,
+        "skipped_no_caption": 0,
+        "skipped_bad_caption": 0,
+        "skipped_outside_src": 0,
+        "duplicate_keys": 0,
+    }
+    root = src.resolve()
+    used_keys: set[str] = set()
+    for path in tqdm(images, desc="convert", unit="img", disable=None):
+        caption_path = path.with_suffix(".txt")
+        json_path = path.with_suffix(".json")
+        inputs = [p for p in (path, caption_path, json_path) if p.exists()]
+        if any(not p.resolve().is_relative_to(root) for p in inputs):
+            stats["skipped_outside_src"] += 1
+            continue
+        if not caption_path.is_file():
+            stats["skipped_no_caption"] += 1
+            continue
+        caption = caption_path.read_bytes()
+        try:
+            if not caption.decode("utf-8").strip():
+                raise ValueError("empty caption")
+        except (UnicodeDecodeError, ValueError):
+            stats["skipped_bad_caption"] += 1
+            continue
+        base = sanitize_key(path.relative_to(src))
+        key, n = base, 1
+        # "a b.png" and "a_b.jpg" sanitise to the same key; suffix later ones so no sample overwrites another.
+        while key in used_keys:
+            key, n = f"{base}_{n}", n + 1
+        if key != base:
+            stats["duplicate_keys"] += 1
+        used_keys.add(key)
+        sample = {"__key__": key, path.suffix.lower().lstrip("."): path.read_bytes(), "txt": caption}
+        if json_path.is_file():
+            sample["json"] = json_path.read_bytes()
+        sink.add(sample)
+        stats["written"] += 1
+    sink.flush()
+    return {**stats, "shards": sink.shards}

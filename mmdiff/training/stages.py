@@ -1,0 +1,110 @@
+"""The stages before the DiT (tokenizer, tiny VAE) and the builders of the model and its sampling pipeline.
+
+Each stage writes its folder in `train.output_dir` atomically on the main process and is skipped when that folder
+exists, so a restarted run reuses them; the other processes wait for it and then load the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ..config import Config
+from ..data.loader import expand_urls, make_dataloader, read_captions
+from ..data.tokenizer import build_tokenizer, load_tokenizer
+from ..models.transformer import MMDiTModel
+from ..models.vae import load_vae, tiny_vae, vae_downsample_factor
+from .checkpoint import atomic_dir
+from .vae_trainer import train_vae
+
+
+def prepare_tokenizer(cfg: Config, out: Path, accelerator: Accelerator):
+    """The caption tokenizer in `out/tokenizer`, built on the main process on first use."""
+    folder = out / "tokenizer"
+    if not folder.is_dir():
+        if accelerator.is_main_process:
+            captions = read_captions(expand_urls(cfg.data.train_shards)) if cfg.tokenizer.kind == "word" else None
+            tokenizer = build_tokenizer(cfg.tokenizer.kind, captions=captions, path=cfg.tokenizer.path)
+            with atomic_dir(folder) as tmp:
+                tokenizer.save_pretrained(tmp)
+        accelerator.wait_for_everyone()
+    return load_tokenizer(folder)
+
+
+def prepare_vae(cfg: Config, out: Path, tokenizer, accelerator: Accelerator):
+    """The configured pretrained VAE, or the tiny VAE in `out/vae`, trained on the main process on first use."""
+    if cfg.vae.pretrained_path:
+        return load_vae(cfg.vae.pretrained_path)
+    folder = out / "vae"
+    if not folder.is_dir():
+        if accelerator.is_main_process:
+            loader = make_dataloader(
+                cfg.data.train_shards,
+                tokenizer,
+                cfg.data.image_size,
+                cfg.data.max_length,
+                cfg.vae.batch_size,
+                num_workers=cfg.data.num_workers,
+                seed=cfg.train.seed + 1,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+            )
+            vae = tiny_vae(cfg.data.image_size, cfg.vae.latent_channels, tuple(cfg.vae.block_out_channels))
+            stats = train_vae(
+                vae,
+                (b["pixel_values"] for b in loader),
+                cfg.vae.train_steps,
+                lr=cfg.vae.lr,
+                kl_weight=cfg.vae.kl_weight,
+                out_dir=folder,
+                device=accelerator.device,
+                seed=cfg.train.seed,
+            )
+            print(f"VAE trained: {json.dumps(stats)}")
+        accelerator.wait_for_everyone()
+    return load_vae(folder)
+
+
+def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> MMDiTModel:
+    """The MMDiT sized for the configured data, tokenizer and VAE latents."""
+    m = cfg.model
+    factor = vae_downsample_factor(vae)
+    if cfg.data.image_size % (factor * m.patch_size):
+        raise ValueError(
+            f"data.image_size={cfg.data.image_size} is not divisible by VAE factor {factor} x patch {m.patch_size}"
+        )
+    return MMDiTModel(
+        sample_size=cfg.data.image_size // factor,
+        in_channels=vae.config.latent_channels,
+        patch_size=m.patch_size,
+        vocab_size=len(tokenizer),
+        max_text_length=cfg.data.max_length,
+        hidden_size=m.hidden_size,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        # a frozen encoder replaces the joint one: no unused encoder layers (DDP would refuse them)
+        text_encoder_depth=0 if external_text_dim else m.text_encoder_depth,
+        image_encoder_depth=m.image_encoder_depth,
+        null_context_length=m.null_context_length,
+        external_text_dim=external_text_dim,
+    )
+
+
+def build_pipeline(transformer, vae, noise_scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None):
+    """The sampling pipeline for a trained model (DDIM with trailing timesteps by default; swap the diffusers way)."""
+    from diffusers import DDIMScheduler
+
+    from ..diffusion.masked import MaskedDiffusionScheduler
+    from ..pipelines.text_to_image import MMDiffTextToImagePipeline
+
+    return MMDiffTextToImagePipeline(
+        transformer=transformer,
+        vae=vae,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing"),
+        text_scheduler=MaskedDiffusionScheduler(),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        text_encoder_tokenizer=text_encoder_tokenizer,
+    )
