@@ -1,4 +1,4 @@
-"""The `mmdiff` command line: data, train, generate, caption, sample-pairs, vary, demo."""
+"""The `mmdiff` command line: data, train, generate, caption, sample-pairs, vary, demo, bench."""
 
 from __future__ import annotations
 
@@ -98,9 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="shapes data -> train the tiny config -> images and captions in outputs/")
     demo.add_argument("--out", default="outputs")
     demo.add_argument("--work", default="runs/demo", help="where data, checkpoints and logs go")
-    demo.add_argument("--minutes", type=float, default=4.0, help="DiT training budget")
+    demo.add_argument("--minutes", type=float, default=6.0, help="cap on DiT training time (the config sets 800 steps)")
     demo.add_argument("--num-images", type=int, default=20000)
+    _add_bench(sub)
+    from .eval.commands import add_eval_parsers
+
+    add_eval_parsers(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmark against diffusers' PixArt at matched size (train, sample, caption)")
+    bench.add_argument("--preset", default="cpu-small", choices=["cpu-small", "gpu-b2"])
+    bench.add_argument("--out", default="bench.json", help="the JSON report")
+    bench.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default: the preset's)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed runs per contender first")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
+    bench.add_argument("--device", default=None, help="override the preset's device (cpu | cuda | cuda:1)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile both contenders' transformers")
+    bench.add_argument("--quick", action="store_true", help="a seconds-long smoke run with a tiny model (CI)")
+    bench.add_argument(
+        "--sections", nargs="+", choices=["train", "sample", "caption", "scaling"], help="default: all four"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             from .sampling import sample_pairs_command, vary_command
 
             return (sample_pairs_command if args.cmd == "sample-pairs" else vary_command)(args)
+        if args.cmd == "bench":
+            from .bench.run import bench_command
+
+            return bench_command(args)
+        if args.cmd in ("eval", "sweep", "eval-classifier"):
+            from .eval.commands import run_eval_command
+
+            return run_eval_command(args)
         if args.cmd == "demo":
             from .demo import run_demo
 

@@ -61,6 +61,7 @@ class ModelConfig:
     null_context_length: int = 1
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the transformer in place for training (same weights and checkpoint keys)
 
 
 @dataclass

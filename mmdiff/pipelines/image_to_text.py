@@ -39,6 +39,10 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         >>> pipe(image, guidance_scale=2.0).text[0]
     """
 
+    # False recomputes the context's cross-attention K/V at every step: only `mmdiff bench` sets it, to measure what
+    # the cache saves. The output is the same either way.
+    cache_context_kv: bool = True
+
     @torch.no_grad()
     def __call__(
         self,
@@ -111,7 +115,8 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         if use_cfg:
             uncond, uncond_mask = self.transformer.null_context("image", batch, context.shape[1])
             both_mask = torch.cat([uncond_mask, context_mask])
-            both_kv = self.transformer.context_kv(torch.cat([uncond.to(context.dtype), context]))
+            both_context = torch.cat([uncond.to(context.dtype), context])
+            both_kv = self.transformer.context_kv(both_context)
             cond_kv = [(k[batch:], v[batch:]) for k, v in both_kv]
         else:
             cond_kv = self.transformer.context_kv(context)
@@ -124,12 +129,14 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(self.text_scheduler.timesteps):
                 if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
-                    logits = self.transformer(torch.cat([ids, ids]), t, context_mask=both_mask, context_kv=both_kv)
+                    kv = both_kv if self.cache_context_kv else self.transformer.context_kv(both_context)
+                    logits = self.transformer(torch.cat([ids, ids]), t, context_mask=both_mask, context_kv=kv)
                     uncond_logits, cond_logits = logits.float().chunk(2)
                     logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)
                     self._num_forward_rows += 2 * batch
                 else:
-                    logits = self.transformer(ids, t, context_mask=context_mask, context_kv=cond_kv).float()
+                    kv = cond_kv if self.cache_context_kv else self.transformer.context_kv(context)
+                    logits = self.transformer(ids, t, context_mask=context_mask, context_kv=kv).float()
                     self._num_forward_rows += batch
                 # a template blank is a word: pad there would cut the caption short
                 logits[..., pad_id] = logits[..., pad_id].masked_fill(blanks, float("-inf"))

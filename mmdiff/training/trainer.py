@@ -119,6 +119,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.model.compile:  # after the EMA copy, which stays eager; in place, so state-dict keys do not change
+        model.compile()
     noise_scheduler = make_noise_scheduler(
         {
             "num_train_timesteps": cfg.diffusion.num_train_timesteps,

@@ -1,0 +1,272 @@
+"""`mmdiff bench`: mmdiff against diffusers' PixArt at matched size, written to a JSON file and printed as a table.
+
+Sections (each contender alternated with the other over the repeats, after warm-up; medians and ratios):
+    train    image-task training step (mmdiff vs PixArt), plus mmdiff's full two-direction step: images/s, peak memory
+    sample   text-to-image with CFG (mmdiff vs PixArtAlphaPipeline), then mmdiff with the guidance interval: images/s
+    caption  captions/s with and without the context K/V cache, for several step counts
+    scaling  mmdiff's two-direction step time against latent tokens and against caption length
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import contenders as C
+from .flops import measure_peak_flops, mmdiff_train_flops, pixart_train_flops
+from .presets import PRESETS, BenchPreset, machine_info, quick
+from .timing import Contender, peak_memory_mb, summarize, time_alternating
+
+SECTIONS = ("train", "sample", "caption", "scaling")
+
+
+def resolve_preset(
+    name: str,
+    quick_mode: bool = False,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> BenchPreset:
+    """The named preset with the command-line overrides applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = quick(PRESETS[name]) if quick_mode else PRESETS[name]
+    overrides = {"repeats": repeats, "warmup": warmup, "threads": threads, "device": device}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if preset.repeats < 1 or preset.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {preset.repeats} and {preset.warmup}")
+    if preset.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"preset {preset.name} needs a CUDA device and none is available; use --preset cpu-small")
+    return preset
+
+
+def run_bench(preset: BenchPreset, out: str | Path, sections=SECTIONS, compile_models: bool = False) -> dict:
+    """Run the chosen sections of the benchmark, write the JSON report to `out` and return it."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    threads_before = torch.get_num_threads()
+    if preset.threads is not None:
+        torch.set_num_threads(preset.threads)
+    try:
+        return _run_sections(preset, out, sections, compile_models)
+    finally:  # an in-process caller (the tests) keeps its own thread count
+        torch.set_num_threads(threads_before)
+
+
+def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models: bool) -> dict:
+    device = torch.device(preset.device)
+    started = time.time()
+    dtype = torch.bfloat16 if preset.autocast_bf16 and device.type == "cuda" else torch.float32
+    report = {
+        "preset": preset.as_dict(),
+        "machine": machine_info(device),
+        "dtype": "bf16 autocast" if dtype == torch.bfloat16 else "float32",
+        "compile": compile_models,
+        "peak_flops_per_s": measure_peak_flops(device, dtype, preset.peak_matmul_size),
+    }
+    tokenizer, vae = C.build_tokenizer(), C.build_vae(preset, device)
+    autocast = C.autocast_context(preset, device)
+    steps = {
+        "train": lambda: bench_train(preset, tokenizer, device, autocast, report["peak_flops_per_s"], compile_models),
+        "sample": lambda: bench_sample(preset, tokenizer, vae, device, autocast, compile_models),
+        "caption": lambda: bench_caption(preset, tokenizer, vae, device, autocast, compile_models),
+        "scaling": lambda: bench_scaling(preset, tokenizer, device, autocast),
+    }
+    for name in sections:
+        report[name] = steps[name]()
+        gc.collect()
+    report["wall_s"] = time.time() - started
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _compare(contenders: list[Contender], preset: BenchPreset, peak_flops: float | None = None) -> dict:
+    times = time_alternating(contenders, preset.repeats, preset.warmup)
+    return {c.name: summarize(c, times[c.name], peak_flops) for c in contenders}
+
+
+def bench_train(preset: BenchPreset, tokenizer, device, autocast, peak_flops: float, compile_models: bool) -> dict:
+    """Image-task training steps of both transformers and mmdiff's joint step, alternated; then one step each for
+    peak memory."""
+    batch, vocab = preset.train_batch, len(tokenizer)
+    pixart = C.compile_transformer(C.build_pixart(preset, device), compile_models)
+    mmdiff = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
+    joint = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
+    contenders = [
+        Contender(
+            "pixart",
+            C.pixart_image_step(pixart, preset, batch, device, autocast),
+            batch,
+            device,
+            pixart_train_flops(preset, batch, preset.hidden_size),
+        ),
+        Contender(
+            "mmdiff",
+            C.mmdiff_image_step(mmdiff, tokenizer, preset, batch, device, autocast),
+            batch,
+            device,
+            mmdiff_train_flops(preset, batch, vocab),
+        ),
+        Contender(
+            "mmdiff_joint",
+            C.mmdiff_joint_step(joint, tokenizer, batch, device, autocast, preset.latent_size, preset.in_channels),
+            batch,
+            device,
+            mmdiff_train_flops(preset, batch, vocab, joint=True),
+        ),
+    ]
+    results = _compare(contenders, preset, peak_flops)
+    for contender in contenders:
+        results[contender.name]["peak_mem_mb"] = peak_memory_mb(contender.run, device)
+    params = {
+        "pixart": sum(p.numel() for p in pixart.parameters()),
+        "mmdiff": sum(p.numel() for p in mmdiff.parameters()),
+    }
+    return {
+        "unit": "images/s",
+        "batch": batch,
+        "params": params,
+        "results": results,
+        "ratios": {
+            "mmdiff/pixart": results["mmdiff"]["per_s"] / results["pixart"]["per_s"],
+            "mmdiff_joint/pixart": results["mmdiff_joint"]["per_s"] / results["pixart"]["per_s"],
+        },
+    }
+
+
+def bench_sample(preset: BenchPreset, tokenizer, vae, device, autocast, compile_models: bool) -> dict:
+    """Text-to-image with CFG at the same steps and scale: PixArt, mmdiff, mmdiff with the guidance interval."""
+    mmdiff = C.compile_transformer(C.build_mmdiff(preset, len(tokenizer), device), compile_models)
+    pixart = C.compile_transformer(C.build_pixart(preset, device), compile_models)
+    t2i, _ = C.mmdiff_pipelines(mmdiff, vae, tokenizer)
+    pixart_pipe = C.pixart_pipeline(pixart, C.build_t5(preset, len(tokenizer), device), vae, tokenizer)
+    runs = C.sampling_runs(preset, t2i, pixart_pipe, autocast)
+    contenders = [Contender(name, run, preset.sample_batch, device) for name, run in runs.items()]
+    with torch.no_grad():
+        results = _compare(contenders, preset)
+    return {
+        "unit": "images/s",
+        "batch": preset.sample_batch,
+        "steps": preset.sample_steps,
+        "guidance_scale": preset.guidance_scale,
+        "guidance_interval": list(preset.guidance_interval),
+        "results": results,
+        "ratios": {
+            "mmdiff/pixart": results["mmdiff"]["per_s"] / results["pixart"]["per_s"],
+            "mmdiff_interval/pixart": results["mmdiff_interval"]["per_s"] / results["pixart"]["per_s"],
+            "mmdiff_interval/mmdiff": results["mmdiff_interval"]["per_s"] / results["mmdiff"]["per_s"],
+        },
+    }
+
+
+def bench_caption(preset: BenchPreset, tokenizer, vae, device, autocast, compile_models: bool) -> dict:
+    """Captioning with CFG, context K/V cached vs recomputed every step, for each step count."""
+    mmdiff = C.compile_transformer(C.build_mmdiff(preset, len(tokenizer), device), compile_models)
+    _, i2t = C.mmdiff_pipelines(mmdiff, vae, tokenizer)
+    by_steps = {}
+    for steps in preset.caption_steps:
+        contenders = [
+            Contender(name, C.caption_run(preset, i2t, steps, cached, autocast), preset.caption_batch, device)
+            for name, cached in (("recompute_kv", False), ("cached_kv", True))
+        ]
+        results = _compare(contenders, preset)
+        results["ratio_cached/recompute"] = results["cached_kv"]["per_s"] / results["recompute_kv"]["per_s"]
+        by_steps[str(steps)] = results
+    return {"unit": "captions/s", "batch": preset.caption_batch, "guidance_scale": 2.0, "by_steps": by_steps}
+
+
+def bench_scaling(preset: BenchPreset, tokenizer, device, autocast) -> dict:
+    """mmdiff's two-direction training step time against latent tokens (image size) and caption length."""
+    batch, vocab = preset.scaling_batch, len(tokenizer)
+
+    def step_ms(model, latent_size: int) -> float:
+        run = C.mmdiff_joint_step(model, tokenizer, batch, device, autocast, latent_size, preset.in_channels)
+        seconds = time_alternating([Contender("mmdiff_joint", run, batch, device)], preset.repeats, preset.warmup)
+        return 1000 * statistics.median(seconds["mmdiff_joint"])
+
+    model = C.build_mmdiff(preset, vocab, device)
+    latent = [
+        {"latent_size": size, "tokens": (size // preset.patch_size) ** 2, "step_ms": step_ms(model, size)}
+        for size in preset.scaling_latent_sizes
+    ]
+    caption = []
+    for length in preset.scaling_context_lengths:
+        model = C.build_mmdiff(preset, vocab, device, context_length=length)
+        caption.append({"caption_length": length, "step_ms": step_ms(model, preset.latent_size)})
+    return {"batch": batch, "step": "mmdiff joint (both directions)", "latent": latent, "caption_length": caption}
+
+
+# ---------------------------------------------------------------- table
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table: one row per contender, its rate, median time, ratio and memory."""
+    lines = [
+        f"mmdiff bench  preset={report['preset']['name']}  device={report['machine']['device']}  "
+        f"threads={report['machine']['torch_threads']}  dtype={report['dtype']}  torch={report['machine']['torch']}  "
+        f"diffusers={report['machine']['diffusers']}",
+        f"cpu: {report['machine']['cpu']}"
+        + (f"  gpu: {report['machine']['gpu']}" if "gpu" in report["machine"] else ""),
+        f"measured matmul peak: {report['peak_flops_per_s'] / 1e12:.3f} TFLOP/s",
+        f"{'section':<9} {'contender':<22} {'rate':>12} {'median':>10} {'vs base':>8} {'peak MiB':>9} {'MFU':>6}",
+    ]
+
+    def row(section: str, name: str, rec: dict, unit: str, base: float | None) -> str:
+        ratio = f"{rec['per_s'] / base:.2f}x" if base else "1.00x"
+        mem = f"{rec['peak_mem_mb']:.0f}" if "peak_mem_mb" in rec else "-"
+        mfu = f"{100 * rec['mfu']:.1f}%" if "mfu" in rec else "-"
+        rate = f"{rec['per_s']:.2f} {unit}"
+        return f"{section:<9} {name:<22} {rate:>12} {1000 * rec['median_s']:>8.1f}ms {ratio:>8} {mem:>9} {mfu:>6}"
+
+    if "train" in report:
+        res = report["train"]["results"]
+        for name in ("pixart", "mmdiff", "mmdiff_joint"):
+            lines.append(row("train", name, res[name], "img/s", res["pixart"]["per_s"] if name != "pixart" else None))
+    if "sample" in report:
+        res = report["sample"]["results"]
+        for name in ("pixart", "mmdiff", "mmdiff_interval"):
+            lines.append(row("sample", name, res[name], "img/s", res["pixart"]["per_s"] if name != "pixart" else None))
+    if "caption" in report:
+        for steps, res in report["caption"]["by_steps"].items():
+            for name in ("recompute_kv", "cached_kv"):
+                base = res["recompute_kv"]["per_s"] if name == "cached_kv" else None
+                lines.append(row("caption", f"{name} K={steps}", res[name], "cap/s", base))
+    if "scaling" in report:
+        sc = report["scaling"]
+        lines.append(f"scaling (mmdiff joint step, batch {sc['batch']}):")
+        lines.append("  latent tokens: " + ", ".join(f"{r['tokens']}: {r['step_ms']:.0f}ms" for r in sc["latent"]))
+        lines.append(
+            "  caption length: "
+            + ", ".join(f"{r['caption_length']}: {r['step_ms']:.0f}ms" for r in sc["caption_length"])
+        )
+    return "\n".join(lines)
+
+
+def all_finite(value) -> bool:
+    """True when every number in a nested report is finite (what the CI smoke test checks)."""
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(all_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def bench_command(args) -> int:
+    """The `mmdiff bench` subcommand."""
+    preset = resolve_preset(args.preset, args.quick, args.repeats, args.warmup, args.threads, args.device)
+    report = run_bench(preset, args.out, tuple(args.sections or SECTIONS), compile_models=args.compile)
+    print(format_table(report))
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+    return 0

@@ -1,0 +1,62 @@
+"""`mmdiff bench --quick`: the CI smoke run completes and writes finite numbers under the expected keys (not timed)."""
+
+from __future__ import annotations
+
+import json
+
+from mmdiff.bench.run import all_finite
+from mmdiff.cli import main
+
+
+def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["preset"]["name"] == "cpu-small-quick"
+    assert {"cpu", "torch", "diffusers", "transformers", "torch_threads"} <= set(report["machine"])
+    assert report["machine"]["torch_threads"] == 1
+    assert all_finite(report)
+
+    train = report["train"]["results"]
+    assert set(train) == {"pixart", "mmdiff", "mmdiff_joint"}
+    for record in train.values():
+        assert record["per_s"] > 0 and record["peak_mem_mb"] >= 0 and record["tflops_per_s"] > 0
+        assert len(record["times_s"]) == report["preset"]["repeats"]
+    assert set(report["train"]["ratios"]) == {"mmdiff/pixart", "mmdiff_joint/pixart"}
+
+    sample = report["sample"]["results"]
+    assert set(sample) == {"pixart", "mmdiff", "mmdiff_interval"}
+    assert all(r["per_s"] > 0 for r in sample.values())
+
+    by_steps = report["caption"]["by_steps"]
+    assert set(by_steps) == {str(k) for k in report["preset"]["caption_steps"]}
+    assert all(r["cached_kv"]["per_s"] > 0 and r["recompute_kv"]["per_s"] > 0 for r in by_steps.values())
+
+    scaling = report["scaling"]
+    assert [r["latent_size"] for r in scaling["latent"]] == report["preset"]["scaling_latent_sizes"]
+    assert all(r["step_ms"] > 0 for r in scaling["latent"] + scaling["caption_length"])
+    assert "mmdiff bench" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_cuda_preset_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["bench", "--preset", "gpu-b2", "--quick", "--out", str(tmp_path / "b.json")]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_caption_context_cache_switch_gives_the_same_captions(pipe):
+    """The benchmark's uncached baseline recomputes the context K/V each step; it must not change the result."""
+    import torch
+
+    from mmdiff.pipelines.image_to_text import MMDiffImageToTextPipeline
+
+    i2t = MMDiffImageToTextPipeline(**pipe.components)
+    i2t.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    outputs = []
+    for cached in (True, False):
+        i2t.cache_context_kv = cached
+        out = i2t(images, num_inference_steps=4, guidance_scale=2.0, guidance_interval=(0.3, 1.0), return_tokens=True)
+        outputs.append(out)
+    assert torch.equal(outputs[0].token_ids, outputs[1].token_ids)
+    torch.testing.assert_close(outputs[0].confidences, outputs[1].confidences)

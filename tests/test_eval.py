@@ -1,0 +1,254 @@
+"""The shapes benchmark: the exact evaluator, FD, caption metrics and NLL, evaluate() and the guidance sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiff.data.shapes import parse_caption, render_scene, scene_from_attributes, write_shapes_shards
+from mmdiff.eval import (
+    ShapesFeatureClassifier,
+    caption_metrics,
+    caption_nll,
+    detect_objects,
+    extract_features,
+    fidelity_report,
+    frechet_distance,
+    load_feature_classifier,
+    load_real_scenes,
+    render_prompt,
+    score_image,
+    train_feature_classifier,
+)
+from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
+
+# A random caption names the same normalised scene as another random one with probability sum_s p(s)^2: half the
+# scenes are one of 36 single objects, half one of 36 * 35 * 2 ordered pairs with a normalised relation, so chance
+# is about 0.25 / 36 + 0.25 / 2520 ~= 0.007. With 300 images the expected number of matches is ~2.
+CHANCE_BOUND = 0.03
+
+
+def _scenes(num: int, seeds: tuple[int, ...], image_size: int = 32):
+    out = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        out += [render_scene(rng, image_size) for _ in range(num // len(seeds))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_scenes():
+    """300 rendered 32 px scenes from three generator seeds: (image, attributes)."""
+    return _scenes(300, (0, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory):
+    """Real 32 px validation shards, as `mmdiff data shapes` writes them (random phrasings in txt)."""
+    root = tmp_path_factory.mktemp("eval_shapes")
+    stats = write_shapes_shards(root, 400, image_size=32, seed=7, val_fraction=0.5, shard_size=100)
+    return str(root / "val"), stats
+
+
+# ---------------------------------------------------------------- the evaluator on real images
+
+
+def test_evaluator_scores_real_rendered_images(real_scenes):
+    correct = [score_image(image, attrs["canonical"])["correct"] for image, attrs in real_scenes]
+    assert sum(correct) / len(correct) >= 0.99
+
+
+def test_evaluator_reads_positions_and_any_size():
+    for image, attrs in _scenes(40, (3,), image_size=64):
+        objects = detect_objects(image)
+        assert len(objects) == len(attrs["objects"])
+        for truth in attrs["objects"]:
+            nearest = min(objects, key=lambda o: np.hypot(*np.subtract(o["center"], truth["center"])))
+            assert np.allclose(nearest["center"], truth["center"], atol=0.5)
+            assert nearest["extent"] == truth["extent"]
+    scored = [score_image(image, attrs["captions"][-1])["correct"] for image, attrs in _scenes(60, (4,), 64)]
+    assert sum(scored) / len(scored) >= 0.99
+
+
+def test_evaluator_rejects_extra_missing_and_wrong_objects(real_scenes):
+    image, attrs = next((im, a) for im, a in real_scenes if len(a["objects"]) == 2)
+    first = attrs["objects"][0]
+    only_first = f"a {first['size']} {first['color']} {first['shape']}"
+    assert not score_image(image, only_first)["correct"]  # an extra object
+    assert not score_image(image, only_first)["count"]
+    blank = image.copy()
+    blank.paste((255, 255, 255), (0, 0, *blank.size))
+    assert not score_image(blank, attrs["canonical"])["correct"]  # nothing drawn
+    assert not score_image(image, "not a shapes caption")["correct"]
+
+
+def test_perfect_model_scores_at_least_99_percent(val_shards):
+    images, _, _ = load_real_scenes(val_shards[0])
+    from mmdiff.data.loader import iterate_records
+
+    own_captions = [caption for _, _, caption, _ in iterate_records(val_shards[0])]  # any phrasing, as stored
+    report = fidelity_report(images, own_captions)
+    assert report["num"] == 200
+    assert report["prompt_accuracy"] >= 0.99
+
+
+def test_shuffled_captions_score_near_chance(real_scenes):
+    images = [image for image, _ in real_scenes]
+    captions = [attrs["canonical"] for _, attrs in real_scenes]
+    random.Random(0).shuffle(captions)
+    report = fidelity_report(images, captions)
+    assert report["prompt_accuracy"] <= CHANCE_BOUND
+    assert 0.35 <= report["count"] <= 0.65  # one vs two objects is a fair coin
+
+
+# ---------------------------------------------------------------- Fréchet distance and diversity
+
+
+def test_frechet_distance_exact_cases():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(400, 6)) @ g.normal(size=(6, 6))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = np.arange(6.0)
+    # same covariance: only the mean term remains
+    assert frechet_distance(a, a + shift) == pytest.approx(float((shift**2).sum()), rel=1e-8)
+    # b = 2a: Tr(S + 4S - 2 * 2S) = Tr(S), plus the mean term |mu|^2
+    expected = float((a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_in_classifier_features_grows_with_a_shift():
+    torch.manual_seed(0)
+    model = ShapesFeatureClassifier(image_size=32).eval()  # FD properties hold for any fixed feature map
+    real_a = [im for im, _ in _scenes(128, (10,))]
+    real_b = [im for im, _ in _scenes(128, (11,))]
+    feats_a, feats_b = extract_features(model, real_a), extract_features(model, real_b)
+    # a distribution shift: the same scenes, colours inverted
+    shifted = [im.point(lambda v: 255 - v) for im in real_b]
+    fd_same = frechet_distance(feats_a, feats_b)
+    assert frechet_distance(feats_a, feats_a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(feats_a, extract_features(model, shifted)) > 5 * fd_same
+
+
+def test_feature_classifier_trains_saves_and_reloads(tmp_path):
+    record = train_feature_classifier(tmp_path / "clf", steps=4, batch_size=16, num_rendered=64, seed=0)
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= {
+        p.name for p in (tmp_path / "clf").iterdir()
+    }
+    assert set(record["val_accuracy"]) == {"count", "colors", "shapes", "sizes", "relation"}
+    loaded = load_feature_classifier(tmp_path / "clf")
+    images = [im for im, _ in _scenes(4, (5,))]
+    assert extract_features(loaded, images).shape == (4, loaded.config.feature_dim)
+
+
+def test_layout_diversity_of_real_renders():
+    prompt = "a small red circle left of a large blue square"
+    renders = render_prompt(prompt, 12, 32, seed=0)
+    assert all(score_image(im, prompt)["correct"] for im in renders)
+    descriptors = [layout_descriptor(im, prompt) for im in renders]
+    assert all(d is not None and d.shape == (6,) for d in descriptors)
+    assert mean_pairwise_distance(descriptors) > 0.05  # random layouts differ
+    assert mean_pairwise_distance([descriptors[0]] * 5) == 0.0  # a collapsed model has no diversity
+
+
+# ---------------------------------------------------------------- captions
+
+
+def test_caption_metrics_true_and_shuffled(real_scenes):
+    scenes = [scene_from_attributes(a) for _, a in real_scenes]
+    canonical = [a["canonical"] for _, a in real_scenes]
+    rephrased = [a["captions"][-1] for _, a in real_scenes]
+    perfect = caption_metrics(rephrased, scenes, canonical)
+    assert all(perfect[k] == 1.0 for k in ("count", "colors", "shapes", "sizes", "relation", "all", "parse_rate"))
+    assert caption_metrics(canonical, scenes, canonical)["exact_match"] == 1.0
+    shuffled = list(canonical)
+    random.Random(1).shuffle(shuffled)
+    low = caption_metrics(shuffled, scenes, canonical)
+    assert low["all"] <= CHANCE_BOUND and low["exact_match"] <= CHANCE_BOUND
+    assert caption_metrics(["garbage"], scenes[:1], canonical[:1])["all"] == 0.0
+
+
+def test_caption_nll_bound(pipe):
+    images = [im.resize((16, 16)) for im, _ in _scenes(3, (6,))]
+    captions = ["a small red circle above a large blue square", "there is a small green triangle", "a"]
+    with_image = caption_nll(pipe, images, captions, num_levels=2, seed=0)
+    null = caption_nll(pipe, None, captions, num_levels=2, seed=0)
+    assert math.isfinite(with_image) and with_image > 0 and math.isfinite(null) and null > 0
+    # w = 0 is exactly the unconditional model: the guided bound at w = 0 equals the null-context bound
+    assert caption_nll(pipe, images, captions, guidance_scale=0.0, num_levels=2, seed=0) == pytest.approx(
+        null, rel=1e-4
+    )
+    # fixed seed: the same masks every call
+    assert caption_nll(pipe, images, captions, num_levels=2, seed=0) == with_image
+
+
+# ---------------------------------------------------------------- evaluate() and the sweep on a tiny random pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_val(tmp_path_factory):
+    """16 px validation shards for the 16 px test pipeline, and an untrained 16 px feature classifier."""
+    root = tmp_path_factory.mktemp("tiny_val")
+    write_shapes_shards(root / "data", 8, image_size=16, seed=0, val_fraction=0.5, shard_size=4)
+    torch.manual_seed(0)
+    ShapesFeatureClassifier(image_size=16, channels=(8, 16), feature_dim=16).save_pretrained(root / "clf")
+    return str(root / "data" / "val"), root / "clf"
+
+
+def test_evaluate_writes_a_reproducible_record(saved_pipe, tiny_val, tmp_path):
+    from mmdiff.eval import evaluate
+
+    shards, clf = tiny_val
+    out = tmp_path / "eval.json"
+    result = evaluate(
+        saved_pipe, shards, num_images=3, num_captions=2, num_inference_steps=2, caption_steps=2, classifier=clf,
+        diversity_prompts=1, diversity_samples=2, nll_levels=1, batch_size=4, device="cpu", out=out,
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["prompts"] == result["prompts"] and len(record["prompts"]) == 3
+    assert all(parse_caption(p) is not None for p in record["prompts"])
+    assert record["model"] == str(saved_pipe) and record["seed"] == 0 and "command" in record
+    t2i, i2t = record["text_to_image"], record["image_to_text"]
+    assert 0.0 <= t2i["prompt_accuracy"] <= 1.0 and math.isfinite(t2i["fd"])
+    assert math.isfinite(i2t["nll_image_bits"]) and math.isfinite(i2t["nll_null_bits"])
+
+
+def test_sweep_has_one_finite_row_per_scale_and_writes_figures(saved_pipe, tiny_val, tmp_path):
+    from mmdiff.eval import sweep
+
+    shards, clf = tiny_val
+    out = tmp_path / "sweep"
+    record = sweep(
+        saved_pipe, shards, scales=[1.0, 3.0], caption_scales=[1.0, 2.0], num_prompts=2, images_per_prompt=2,
+        num_captions=2, num_inference_steps=2, caption_steps=2, guidance_interval=(0.2, 0.8), classifier=clf,
+        nll_levels=1, batch_size=8, device="cpu", out_dir=out,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [float(r["guidance_scale"]) for r in rows] == [1.0, 3.0]
+    for row in rows:
+        for key in ("prompt_accuracy", "fd", "feature_diversity", "prompt_accuracy_interval", "fd_interval"):
+            assert math.isfinite(float(row[key])), key
+    caption_rows = list(csv.DictReader(open(out / "captions.csv")))
+    assert len(caption_rows) == 2
+    assert all(math.isfinite(float(r["nll_image_bits"])) and math.isfinite(float(r["all"])) for r in caption_rows)
+    for name in ("grid.png", "sweep_plot.png", "sweep.json"):
+        assert (out / name).stat().st_size > 0
+    assert set(record["interval"]) == {"off", "on"}
+    # the interval run skips the unconditional rows outside (0.2, 0.8): fewer transformer rows
+    assert record["interval"]["on"]["forward_rows"] < record["interval"]["off"]["forward_rows"]
+
+
+def test_cli_parses_the_eval_commands():
+    from mmdiff.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["sweep", "--model", "m", "--shards", "s", "--scales", "1", "2"])
+    assert args.scales == [1.0, 2.0] and args.nll_levels == 4 and args.interval == [0.2, 0.8]
+    args = parser.parse_args(["eval", "--model", "m", "--shards", "s", "--out", "r.json"])
+    assert args.num_images == 500 and args.num_captions == 500
+    assert parser.parse_args(["eval-classifier", "--out", "d"]).steps == 1500
