@@ -21,6 +21,15 @@ def _add_data(sub) -> None:
     folder.add_argument("--src", required=True)
     folder.add_argument("--out", required=True)
     folder.add_argument("--shard-size", type=int, default=1000)
+    latents = data.add_parser("latents", help="encode image shards once into VAE-latent shards (data.latent_shards)")
+    latents.add_argument("--shards", required=True, help="image shards: a folder, brace pattern, glob or comma list")
+    latents.add_argument("--vae", required=True, help="the training VAE: an AutoencoderKL folder, or one with vae/")
+    latents.add_argument("--out", required=True)
+    latents.add_argument("--image-size", type=int, default=32, help="the training data.image_size")
+    latents.add_argument("--batch-size", type=int, default=64)
+    latents.add_argument("--shard-size", type=int, default=None, help="records per shard (default: one per input)")
+    latents.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage type")
+    latents.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
 
 
 def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> None:
@@ -95,11 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     _add_sampling(sub)
-    demo = sub.add_parser("demo", help="shapes data -> train the tiny config -> images and captions in outputs/")
+    demo = sub.add_parser(
+        "demo", help="the shipped model on held-out shapes: images, captions and a small sweep in outputs/"
+    )
     demo.add_argument("--out", default="outputs")
-    demo.add_argument("--work", default="runs/demo", help="where data, checkpoints and logs go")
-    demo.add_argument("--minutes", type=float, default=6.0, help="cap on DiT training time (the config sets 800 steps)")
-    demo.add_argument("--num-images", type=int, default=20000)
+    demo.add_argument("--model", default=None, help="a pipeline folder (default: the shipped assets/shapes_small)")
+    demo.add_argument("--no-sweep", action="store_true", help="skip the small guidance sweep")
+    demo.add_argument("--train", action="store_true", help="instead: make data, train the tiny config, then sample")
+    demo.add_argument("--work", default="runs/demo", help="--train: where data, checkpoints and logs go")
+    demo.add_argument("--minutes", type=float, default=6.0, help="--train: cap on DiT training time (800 steps)")
+    demo.add_argument("--num-images", type=int, default=20000, help="--train: shapes images to write")
     _add_bench(sub)
     from .eval.commands import add_eval_parsers
 
@@ -155,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.cmd == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_shipped_demo
 
-            run_demo(Path(args.out), Path(args.work), args.minutes, args.num_images)
+            if args.train:
+                run_demo(Path(args.out), Path(args.work), args.minutes, args.num_images)
+            else:
+                run_shipped_demo(Path(args.out), args.model, sweep=not args.no_sweep)
             return 0
     except (ValueError, FileNotFoundError, TypeError) as err:
         print(f"mmdiff {args.cmd}: error: {err}", file=sys.stderr)
@@ -170,6 +187,12 @@ def _data(args) -> int:
         from .data.shapes import write_shapes_shards
 
         stats = write_shapes_shards(args.out, args.num, args.image_size, args.seed, args.val_fraction, args.shard_size)
+    elif args.data_cmd == "latents":
+        from .data.latents import encode_shards_to_latents
+
+        stats = encode_shards_to_latents(
+            args.shards, args.vae, args.out, args.image_size, args.batch_size, args.shard_size, args.device, args.dtype
+        )
     else:
         from .data.folder import convert_folder
 

@@ -23,6 +23,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     caption_choice: str = "random"  # "random" phrasing from the record's json, or always the "txt" caption
+    # Precomputed VAE latents of train_shards (`mmdiff data latents`). When set, the DiT trains from these shards
+    # and skips the per-batch VAE encode; train_shards still feeds the tokenizer and tiny-VAE stages, val_shards stay
+    # images. Their latents_meta.json must match the training VAE and image_size (checked at start).
+    latent_shards: str | None = None
 
 
 @dataclass
@@ -40,6 +44,7 @@ class VAEConfig:
     batch_size: int = 64
     lr: float = 1e-3
     kl_weight: float = 1e-6
+    sample_posterior: bool = True  # DiT trains on posterior samples (as LDM); false: on the posterior mean
 
 
 @dataclass
@@ -211,13 +216,14 @@ def validate(cfg: Config) -> None:
 def check_paths(cfg: Config) -> None:
     """Fail at start, naming the key, when a configured input does not exist (not later, deep in a worker).
 
-    Checks the train/val shard specs (a missing folder, an empty folder, a glob or brace pattern matching nothing)
-    and every configured local model folder. Kept out of :func:`load_config` because sampling commands load the
-    training config of a checkpoint on machines where its data is absent.
+    Checks the train/val/latent shard specs (a missing folder, an empty folder, a glob or brace pattern matching
+    nothing), the latent shards' meta file, and every configured local model folder. Kept out of :func:`load_config`
+    because sampling commands load the training config of a checkpoint on machines where its data is absent.
     """
     from .data.loader import expand_urls  # torch/PIL: imported only when training actually starts
 
-    for key, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+    shard_specs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train_shards", "val_shards", "latent_shards")]
+    for key, spec in shard_specs:
         if spec is None:
             continue
         if not str(spec).strip():
@@ -226,6 +232,13 @@ def check_paths(cfg: Config) -> None:
             expand_urls(spec)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{key}={spec!r}: {err}") from None
+    if cfg.data.latent_shards:
+        from .data.latents import read_latents_meta
+
+        try:
+            read_latents_meta(cfg.data.latent_shards)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.latent_shards={cfg.data.latent_shards!r}: {err}") from None
     for key, path in (
         ("vae.pretrained_path", cfg.vae.pretrained_path),
         ("tokenizer.path", cfg.tokenizer.path),

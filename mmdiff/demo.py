@@ -1,7 +1,12 @@
-"""`mmdiff demo`: the main job on the embedded default, end to end on a CPU in a few minutes.
+"""`mmdiff demo`: the main job on the embedded default.
 
-shapes shards -> tokenizer -> tiny VAE -> shared DiT (both directions) -> pipeline folder -> images for held-out
-captions and captions for held-out images in `outputs/`.
+By default it runs the shipped model (`assets/shapes_small`, trained with `configs/shapes_small.yaml`) on held-out
+validation scenes (`assets/shapes_val_sample.tar`) and writes to `outputs/`: images for held-out captions, captions
+of held-out images, both scored by the shapes evaluator, and a small guidance sweep (grid + plot). No training; a
+couple of minutes on a 2-core CPU.
+
+`mmdiff demo --train` runs the whole path from scratch instead: shapes shards -> tokenizer -> tiny VAE -> shared DiT
+(both directions, `configs/shapes_tiny.yaml`, a few CPU minutes) -> pipeline folder -> images and captions.
 """
 
 from __future__ import annotations
@@ -12,20 +17,124 @@ from pathlib import Path
 import torch
 
 from .config import load_config
+from .paths import SHIPPED_MODEL, VAL_SAMPLE, find_repo_file
 from .sampling import save_grid
 
 
 def find_config(name: str) -> Path:
     """configs/NAME from the working directory, else from the source checkout this package runs from."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        path = root / "configs" / name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"configs/{name} not found in {Path.cwd()} or beside the mmdiff package; run from the repo")
+    return find_repo_file(f"configs/{name}")
+
+
+def _held_out(spec: str | Path, count: int) -> list[tuple[str, object, str, dict | None]]:
+    from .data.loader import iterate_records
+
+    records = []
+    for record in iterate_records(str(spec)):
+        records.append(record)
+        if len(records) == count:
+            break
+    return records
+
+
+def _write_samples(t2i, i2t, held_out, out: Path, sample_cfg, generator) -> dict:
+    """Images for 8 held-out captions (4 each) and captions of 16 held-out images, scored by the shapes evaluator."""
+    from .data.shapes import parse_caption, scene_from_attributes
+    from .eval.captions import caption_metrics
+    from .eval.detector import score_image
+
+    prompts = [caption for _, _, caption, _ in held_out[:8]]
+    images = t2i(
+        prompts,
+        num_images_per_prompt=4,
+        num_inference_steps=sample_cfg["num_inference_steps"],
+        guidance_scale=sample_cfg["guidance_scale"],
+        generator=generator,
+    ).images
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(images_dir / f"{i // 4:02d}_{i % 4}.png")
+    (images_dir / "prompts.json").write_text(json.dumps({f"{i:02d}": p for i, p in enumerate(prompts)}, indent=1))
+    grid = save_grid(images, rows=len(prompts), path=out / "generated_grid.png")
+    correct = [bool(score_image(im, prompts[i // 4])["correct"]) for i, im in enumerate(images)]
+
+    captions = i2t(
+        [image for _, image, _, _ in held_out],
+        num_inference_steps=sample_cfg["caption_steps"],
+        guidance_scale=sample_cfg["caption_guidance_scale"],
+        generator=generator,
+    ).text
+    records = [{"key": key, "reference": ref, "generated": gen} for (key, _, ref, _), gen in zip(held_out, captions)]
+    (out / "captions.json").write_text(json.dumps(records, indent=1))
+    save_grid([image.convert("RGB") for _, image, _, _ in held_out], rows=2, path=out / "captioned_images.png")
+    scenes = [scene_from_attributes(a) if a and "objects" in a else parse_caption(ref) for _, _, ref, a in held_out]
+    canonical = [a.get("canonical", ref) if a else ref for _, _, ref, a in held_out]
+    metrics = caption_metrics(captions, scenes, canonical) if all(scenes) else {}
+
+    print("\nheld-out image -> generated caption:")
+    for record in records[:8]:
+        print(f"  {record['reference']!r:55} -> {record['generated']!r}")
+    print(
+        f"\nimages for held-out captions: {images_dir}/ (grid: {grid}); evaluator: {sum(correct)}/{len(correct)} show"
+    )
+    print("  their prompt exactly")
+    if metrics:
+        print(f"captions of held-out images: {out / 'captions.json'}; all attributes right: {metrics['all']:.3f},")
+        print(f"  exact canonical match: {metrics['exact_match']:.3f}")
+    return {"prompt_accuracy": sum(correct) / len(correct), "captions": records, "caption_metrics": metrics}
+
+
+def run_shipped_demo(out: Path, model: str | None = None, sweep: bool = True) -> dict:
+    """The shipped model on held-out scenes: samples, captions and a small guidance sweep in `out`."""
+    from .eval.sweep import sweep as run_sweep
+    from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
+
+    folder = Path(model) if model else find_repo_file(SHIPPED_MODEL)
+    val = find_repo_file(VAL_SAMPLE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t2i = MMDiffTextToImagePipeline.from_pretrained(folder).to(device)
+    i2t = MMDiffImageToTextPipeline(**t2i.components)
+    sample_cfg = _sample_settings(folder)
+    print(f"model: {folder}  held-out scenes: {val}  settings: {sample_cfg}")
+    result = _write_samples(t2i, i2t, _held_out(val, 16), out, sample_cfg, torch.Generator(device).manual_seed(0))
+    if sweep:
+        record = run_sweep(
+            folder,
+            str(val),
+            scales=[1.0, 2.0, 3.0, 5.0],
+            caption_scales=[1.0, 2.0, 4.0],
+            num_prompts=4,
+            images_per_prompt=8,
+            num_captions=32,
+            num_inference_steps=sample_cfg["num_inference_steps"],
+            guidance_interval=None,
+            device=device,
+            out_dir=out / "sweep",
+            nll_levels=2,
+        )
+        print("\nsmall guidance sweep (4 prompts x 8 seeds per scale; `mmdiff sweep` for the full one):")
+        for row in record["text_to_image"]:
+            print(f"  w={row['guidance_scale']:g}: prompt accuracy {row['prompt_accuracy']:.2f}")
+        print(f"  grid: {out / 'sweep' / 'grid.png'}  plot: {out / 'sweep' / 'sweep_plot.png'}")
+        result["sweep"] = record
+    return result
+
+
+def _sample_settings(folder: Path) -> dict:
+    """Sampling defaults from the `sample` section of the config saved with the pipeline (mmdiff_config.yaml)."""
+    from omegaconf import OmegaConf
+
+    defaults = {"num_inference_steps": 25, "guidance_scale": 3.0, "caption_steps": 16, "caption_guidance_scale": 2.0}
+    saved = folder / "mmdiff_config.yaml"
+    if saved.is_file():
+        section = OmegaConf.to_container(OmegaConf.load(saved)).get("sample") or {}
+        defaults.update({k: v for k, v in section.items() if k in defaults})
+    return defaults
 
 
 def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: list[str] | None = None) -> dict:
-    from .data.loader import expand_urls, iterate_records
+    """`mmdiff demo --train`: data -> train the tiny config -> samples and captions from the trained pipeline."""
     from .data.shapes import write_shapes_shards
     from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
     from .training.trainer import train
@@ -44,47 +153,13 @@ def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: 
         ],
     )
     summary = train(cfg, resume=True)
-
-    # held-out validation scenes: their captions become prompts, their images get captioned
-    held_out = []
-    for record in iterate_records(expand_urls(str(data / "val"))):
-        held_out.append(record)
-        if len(held_out) == 16:
-            break
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t2i = MMDiffTextToImagePipeline.from_pretrained(summary["pipeline"]).to(device)
     i2t = MMDiffImageToTextPipeline(**t2i.components)
-    generator = torch.Generator(device).manual_seed(0)
-    prompts = [caption for _, _, caption, _ in held_out[:8]]
-    images = t2i(
-        prompts,
-        num_images_per_prompt=4,
-        num_inference_steps=cfg.sample.num_inference_steps,
-        guidance_scale=cfg.sample.guidance_scale,
-        generator=generator,
-    ).images
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(images_dir / f"{i // 4:02d}_{i % 4}.png")
-    (images_dir / "prompts.json").write_text(json.dumps({f"{i:02d}": p for i, p in enumerate(prompts)}, indent=1))
-    grid = save_grid(images, rows=len(prompts), path=out / "generated_grid.png")
-
-    captions = i2t(
-        [image for _, image, _, _ in held_out],
-        num_inference_steps=cfg.sample.caption_steps,
-        guidance_scale=cfg.sample.caption_guidance_scale,
-        generator=generator,
-    ).text
-    records = [{"key": key, "reference": ref, "generated": gen} for (key, _, ref, _), gen in zip(held_out, captions)]
-    (out / "captions.json").write_text(json.dumps(records, indent=1))
-    save_grid([image.convert("RGB") for _, image, _, _ in held_out], rows=2, path=out / "captioned_images.png")
-
-    print("\nheld-out image -> generated caption:")
-    for record in records[:8]:
-        print(f"  {record['reference']!r:55} -> {record['generated']!r}")
+    sample_cfg = {k: getattr(cfg.sample, k) for k in _sample_settings(Path(summary["pipeline"]))}
+    result = _write_samples(
+        t2i, i2t, _held_out(data / "val", 16), out, sample_cfg, torch.Generator(device).manual_seed(0)
+    )
     print(f"\ntraining: {json.dumps({k: summary[k] for k in ('steps', 'minutes', 'first_eval', 'last_eval')})}")
-    print(f"images for held-out captions: {images_dir}/ (grid: {grid})")
-    print(f"captions of held-out images: {out / 'captions.json'}")
     print(f"pipeline folder: {summary['pipeline']}")
-    return {"summary": summary, "captions": records, "grid": str(grid)}
+    return {"summary": summary, **result}

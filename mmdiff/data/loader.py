@@ -1,6 +1,7 @@
 """Webdataset input for training and evaluation: shard expansion, robust record reading, decoding and batching.
 
-Shards are plain webdataset tars (``key.png``/``key.jpg`` + ``key.txt`` [+ ``key.json``]). Bad records never crash
+Shards are plain webdataset tars (``key.png``/``key.jpg`` + ``key.txt`` [+ ``key.json``]), or latent shards with
+precomputed VAE latents (``key.latents.npy``, see ``latents.py``) in place of the image. Bad records never crash
 a run: they are skipped and counted by reason. Counts cross DataLoader worker processes inside the samples
 themselves (each sample carries the counts since the previous one) and the collate function sums them into
 ``batch["skips"]``; :class:`SkipStats` accumulates them in the training loop.
@@ -25,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmdiff.data.latents import LATENTS_EXT, read_latent_record
 from mmdiff.data.tokenizer import encode_captions
 
 # Tokenizers warns (and disables itself) when a process forks after it used its thread pool; DataLoader workers fork.
@@ -33,7 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "image")
 CAPTION_EXTS = ("txt", "caption", "text")
 SKIP_REASONS = tuple(
-    "corrupt_image corrupt_tar bad_utf8 empty_caption no_image no_caption bad_json truncated unsafe_name".split()
+    "corrupt_image corrupt_tar bad_utf8 empty_caption no_image no_caption bad_json truncated unsafe_name "
+    "corrupt_latents".split()
 )
 _BRACE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _REMOTE_RE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")
@@ -314,6 +317,9 @@ class ShardDataset(IterableDataset):
     per epoch and samples pass a shuffle buffer; everything is seeded by (seed, epoch, consumer), so a run is
     reproducible. Images are never flipped: a flip would falsify "left of" captions.
 
+    A record with precomputed latents yields ``"latents"`` (and ``"latents_std"``), float32 ``(C, h, w)``, instead of
+    ``"pixel_values"``; with ``latent_shape`` set, records of another shape are skipped as ``corrupt_latents``.
+
     ``skip_batches`` resumes an endless stream: the first that many batches of ``batch_size`` that a DataLoader
     over this dataset would yield (in this process) are replayed without being built. DataLoader hands batch i to
     worker ``i % num_workers``, so each worker takes over a rotated role and skips that role's share; the replay reads and decodes the records (that is
@@ -334,6 +340,7 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         skip_batches: int = 0,
         batch_size: int = 1,
+        latent_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if caption_choice not in ("random", "txt"):
@@ -352,6 +359,7 @@ class ShardDataset(IterableDataset):
         self.stats = SkipStats()
         self.skip_batches = skip_batches
         self.batch_size = batch_size
+        self.latent_shape = latent_shape
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffling of a finite (repeat=False) pass; with repeat=True epochs advance by themselves."""
@@ -393,14 +401,17 @@ class ShardDataset(IterableDataset):
 
     def _select(
         self, record: dict[str, Any], rng: random.Random, counts: Counter[str]
-    ) -> tuple[Image.Image, str] | None:
-        """(decoded image, chosen caption) of a usable record, or None (counted); draws from `rng` exactly once
+    ) -> tuple[Image.Image | dict[str, torch.Tensor], str] | None:
+        """(decoded image or latents, chosen caption) of a usable record, or None (counted); draws from `rng` once
         per usable record with phrasings, so that a replay (resume) stays in step with the original run."""
         text = _record_text(record, counts)
         if text is None:
             return None
         caption, attrs = text
-        image = _record_image(record, counts)
+        if LATENTS_EXT in record:
+            image = read_latent_record(record, counts, self.latent_shape)
+        else:
+            image = _record_image(record, counts)
         if image is None:
             return None
         phrasings = _phrasings(attrs)
@@ -416,12 +427,10 @@ class ShardDataset(IterableDataset):
         ids, truncated = encode_captions(self.tokenizer, [caption], self.max_length)
         if bool(truncated[0]):
             counts["truncated"] += 1
-        return {
-            "pixel_values": image_to_tensor(resize_center_crop(image, self.image_size)),
-            "input_ids": ids[0],
-            "caption": caption,
-            "key": record["__key__"],
-        }
+        sample = {"input_ids": ids[0], "caption": caption, "key": record["__key__"]}
+        if isinstance(image, dict):
+            return sample | image
+        return sample | {"pixel_values": image_to_tensor(resize_center_crop(image, self.image_size))}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer, consumers = self._consumer()
@@ -466,22 +475,29 @@ class ShardDataset(IterableDataset):
 def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples into ``{"pixel_values": (B, 3, H, W), "input_ids": (B, L), "captions", "keys", "skips"}``.
 
-    Skip counts of all items are summed; sample-less items (end-of-stream counts) only contribute counts, so the
-    last batch of a finite stream may be smaller, even empty (B = 0).
+    Latent samples give ``"latents"`` (and ``"latents_std"``) ``(B, C, h, w)`` instead of pixel values. Skip counts
+    of all items are summed; sample-less items (end-of-stream counts) only contribute counts, so the last batch of a
+    finite stream may be smaller, even empty (B = 0).
     """
     skips: Counter[str] = Counter()
     real = []
     for sample in samples:
         skips.update(sample.get("skips", {}))
-        if "pixel_values" in sample:
+        if "input_ids" in sample:
             real.append(sample)
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in real]) if real else torch.zeros(0, 3, 0, 0),
+    batch = {
         "input_ids": torch.stack([s["input_ids"] for s in real]) if real else torch.zeros(0, 0, dtype=torch.long),
         "captions": [s["caption"] for s in real],
         "keys": [s["key"] for s in real],
         "skips": dict(skips),
     }
+    if not real:
+        return {"pixel_values": torch.zeros(0, 3, 0, 0), **batch}
+    kinds = {"latents" if "latents" in s else "pixel_values" for s in real}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes image records and precomputed-latent records: keep them in separate shards")
+    names = ["latents", "latents_std"] if "latents" in kinds else ["pixel_values"]
+    return {name: torch.stack([s[name] for s in real]) for name in names if all(name in s for s in real)} | batch
 
 
 def make_dataloader(
@@ -497,13 +513,14 @@ def make_dataloader(
     caption_choice: str = "random",
     drop_last: bool = True,
     skip_batches: int = 0,
+    latent_shape: tuple[int, int, int] | None = None,
 ) -> DataLoader:
     """DataLoader over :class:`ShardDataset` yielding :func:`collate_batch` batches.
 
     With ``repeat=True`` the stream is endless and every batch has exactly ``batch_size`` samples; it is a pure
     function of (shards, seed, process rank, num_workers), and ``skip_batches=n`` starts it at its n-th batch
     (training resumes this way). With ``repeat=False`` each worker's last batch may be short (or, with
-    ``drop_last``, dropped with its skip counts).
+    ``drop_last``, dropped with its skip counts). ``latent_shape`` (C, h, w) is the shape latent records must have.
     """
     if skip_batches and not repeat:
         raise ValueError("skip_batches is only defined for an endless (repeat=True) stream")
@@ -518,6 +535,7 @@ def make_dataloader(
         caption_choice,
         skip_batches=skip_batches,
         batch_size=batch_size,
+        latent_shape=latent_shape,
     )
     return DataLoader(
         dataset,

@@ -21,14 +21,12 @@ import PIL.Image
 import torch
 
 from mmdiff.data.shapes import parse_caption
+from mmdiff.paths import EVAL_CLASSIFIER, find_repo_file
 
 from .captions import caption_report
 from .detector import ATTRIBUTES, score_image
 from .diversity import diversity_report, render_prompt
 from .features import extract_features, frechet_distance, load_feature_classifier, load_real_scenes
-
-# Where the shipped FD classifier lives; `mmdiff eval-classifier --out assets/eval_classifier` writes it.
-DEFAULT_CLASSIFIER = "assets/eval_classifier"
 
 
 def load_pipeline(model, device: str | None = None, scheduler: str | None = None):
@@ -108,9 +106,13 @@ def fd_report(
 
 
 def _resolve_classifier(classifier: str | os.PathLike | None, device: str):
-    path = classifier if classifier is not None else (DEFAULT_CLASSIFIER if Path(DEFAULT_CLASSIFIER).exists() else None)
+    """The FD feature classifier: `classifier`, else the shipped assets/eval_classifier, else (None, None)."""
+    path = classifier
     if path is None:
-        return None, None
+        try:
+            path = find_repo_file(EVAL_CLASSIFIER)
+        except FileNotFoundError:
+            return None, None
     return load_feature_classifier(path, device), str(path)
 
 

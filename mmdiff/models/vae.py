@@ -93,7 +93,27 @@ def encode_latents(
     x = pixel_values.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator) if sample else posterior.mode()
+    return scale_latents(vae, z)
+
+
+def scale_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Raw posterior latents ``(B, C, h, w)`` -> the diffusion's latents ``(z - shift_factor) * scaling_factor``."""
     return (z - _shift(vae)) * vae.config.scaling_factor
+
+
+def encode_posterior(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of images in the scaled latent space of :func:`encode_latents`.
+
+    Args:
+        pixel_values: ``(B, 3, H, W)`` in ``[-1, 1]``.
+
+    Returns:
+        ``(mean, std)``, each ``(B, C, H / f, W / f)``: ``mean`` is ``encode_latents(..., sample=False)`` and
+        ``mean + std * eps`` is its posterior sample for the same ``eps`` (equal up to float rounding).
+    """
+    x = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(x).latent_dist
+    return scale_latents(vae, posterior.mode()), posterior.std * vae.config.scaling_factor
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..config import Config, check_paths, to_yaml
+from ..data.latents import check_latents_match, latents_from_batch, read_latents_meta
 from ..data.loader import SKIP_REASONS, make_dataloader
 from ..diffusion.gaussian import make_noise_scheduler
 from ..models.attention import set_attention_backend
@@ -110,6 +111,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     tokenizer = prepare_tokenizer(cfg, out, accelerator)
     vae = prepare_vae(cfg, out, tokenizer, accelerator).to(accelerator.device).requires_grad_(False).eval()
+    latent_shape = None
+    if cfg.data.latent_shards:
+        # Precomputed latents replace the per-batch encode; the VAE still goes into the saved pipeline.
+        meta = read_latents_meta(cfg.data.latent_shards)
+        latent_shape = check_latents_match(meta, vae, cfg.data.image_size, cfg.vae.pretrained_path or str(out / "vae"))
     text_encoder = encoder_tokenizer = None
     if cfg.text_encoder.kind != "joint":
         text_encoder, encoder_tokenizer = load_frozen_text_encoder(cfg.text_encoder.kind, cfg.text_encoder.path)
@@ -176,7 +182,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     # The loader splits shards by process and worker itself, so it is not passed through accelerator.prepare; it is
     # a pure function of the seed and starts after the batches this process consumed before the checkpoint.
     loader = make_dataloader(
-        cfg.data.train_shards,
+        cfg.data.latent_shards or cfg.data.train_shards,
         tokenizer,
         cfg.data.image_size,
         cfg.data.max_length,
@@ -186,6 +192,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         shuffle_buffer=cfg.data.shuffle_buffer,
         caption_choice=cfg.data.caption_choice,
         skip_batches=batches_consumed,
+        latent_shape=latent_shape,
     )
     eval_batch = None
     if cfg.data.val_shards:
@@ -207,11 +214,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         )
 
     def losses_for(batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pixels = batch["pixel_values"].to(accelerator.device)
         ids = batch["input_ids"].to(accelerator.device)
         frozen_text = None
+        sample = cfg.vae.sample_posterior
         with torch.no_grad():
-            latents = encode_latents(vae, pixels.to(vae.dtype), generator=generator).float()
+            if "latents" in batch:
+                latents = latents_from_batch(batch, accelerator.device, generator, sample)
+            else:
+                pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
+                latents = encode_latents(vae, pixels, generator=generator, sample=sample).float()
             if text_encoder is not None:
                 enc_ids, enc_mask = tokenize_for_frozen_encoder(
                     encoder_tokenizer, batch["captions"], cfg.text_encoder.max_length
@@ -294,7 +305,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 nonfinite_loss |= not bool(torch.isfinite(losses["loss"]))
                 # Backward even on a NaN: DDP expects it after every forward; the gradients are dropped below.
                 accelerator.backward(losses["loss"] / t.grad_accum_steps)
-            step_images += batch["pixel_values"].shape[0] * accelerator.num_processes
+            step_images += batch["input_ids"].shape[0] * accelerator.num_processes
         grad_norm = accelerator.clip_grad_norm_(objective.parameters(), t.grad_clip)
         last_losses = {"loss_image": float(losses["loss_image"]), "loss_text": float(losses["loss_text"])}
         if any_process(accelerator, nonfinite_loss) or not bool(torch.isfinite(grad_norm)):
