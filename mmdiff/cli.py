@@ -40,6 +40,7 @@ def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> N
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (pays off on many calls)")
     if scheduler:
         parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
 

@@ -35,6 +35,8 @@ def load_pipe(cls, args):
     # `dtype` is diffusers 0.42's spelling of `torch_dtype` (the old name still works, with a FutureWarning)
     pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
     pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)))
+    if getattr(args, "compile", False):
+        pipe.transformer.compile()  # in place: same class, config and weights; the first call compiles
     if getattr(args, "scheduler", None):
         from .pipelines import swap_scheduler
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import pytest
 import torch
 
@@ -181,3 +184,12 @@ def saved_pipe(pipe, tmp_path):
     folder = tmp_path / "pipe"
     pipe.save_pretrained(folder)
     return folder
+
+
+def write_tar(path, members) -> None:
+    """A tar of (member name, bytes) pairs exactly as given, bad names included (for the bad-input tests)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

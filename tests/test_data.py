@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar
 from PIL import Image
 
 from mmdiff.data.folder import convert_folder
@@ -58,14 +59,6 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _tar_members(path):
@@ -245,9 +238,9 @@ def _bad_shards(tmp_path):
         ("good_i16", {"png": _png(gray16), "txt": b"a sixteen bit image"}),
         ("long", {"png": good, "txt": b"a very long caption with many many words in it"}),
     ]
-    _write_tar(tmp_path / "bad-000000.tar", [(f"{k}.{e}", d) for k, r in records for e, d in r.items()])
+    write_tar(tmp_path / "bad-000000.tar", [(f"{k}.{e}", d) for k, r in records for e, d in r.items()])
     for prefix in "tu":
-        _write_tar(
+        write_tar(
             tmp_path / f"{prefix}.tar",
             [(f"{prefix}{i}.{e}", d) for i in range(3) for e, d in (("png", good), ("txt", b"a box"))],
         )
@@ -324,7 +317,7 @@ def test_bad_records_in_endless_stream(tmp_path):
 
 
 def test_endless_stream_without_valid_records_fails_clearly(tmp_path):
-    _write_tar(tmp_path / "bad.tar", [("a.png", b"not a png"), ("a.txt", b"caption"), ("b.txt", b"")])
+    write_tar(tmp_path / "bad.tar", [("a.png", b"not a png"), ("a.txt", b"caption"), ("b.txt", b"")])
     loader = make_dataloader(str(tmp_path / "bad.tar"), train_word_level_tokenizer(["caption"]), 16, 4, 2)
     with pytest.raises(RuntimeError, match="no valid sample"):
         next(iter(loader))
@@ -350,7 +343,7 @@ def test_to_rgb_modes():
 
 def test_expand_urls(tmp_path):
     for i in range(3):
-        _write_tar(tmp_path / f"shard-{i:06d}.tar", [(f"k{i}.txt", b"x")])
+        write_tar(tmp_path / f"shard-{i:06d}.tar", [(f"k{i}.txt", b"x")])
     names = [str(tmp_path / f"shard-{i:06d}.tar") for i in range(3)]
     assert expand_urls(str(tmp_path / "shard-{000000..000002}.tar")) == names
     assert expand_urls(str(tmp_path)) == names
@@ -409,7 +402,7 @@ def test_tar_member_names_escaping_the_folder_are_refused(tmp_path):
 
     good = _png(Image.new("RGB", (8, 8)))
     members = [("../up.png", good), ("../up.txt", b"x"), ("/abs/p.png", good), ("/abs/p.txt", b"x")]
-    _write_tar(tmp_path / "evil.tar", members + [("ok.png", good), ("ok.txt", b"fine")])
+    write_tar(tmp_path / "evil.tar", members + [("ok.png", good), ("ok.txt", b"fine")])
     stats = SkipStats()
     assert [key for key, *_ in iterate_records(str(tmp_path / "evil.tar"), stats)] == ["ok"]
     assert stats.as_dict() == {"unsafe_name": 4}

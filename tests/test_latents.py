@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import write_tar
 from PIL import Image
 
 from mmdiff.cli import main
@@ -71,14 +72,6 @@ def _latent_records(folder):
     return out
 
 
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_encoding_is_deterministic_and_equals_encoding_on_the_fly(tiny_train_setup, vae_dir, tmp_path, dtype):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -119,8 +112,8 @@ def test_bad_records_are_counted_not_fatal(vae_dir, tmp_path):
     members += [("noimage.txt", b"a caption without image")]
     src = tmp_path / "src"
     src.mkdir()
-    _write_tar(src / "a.tar", members)
-    _write_tar(src / "b.tar", members[:6])
+    write_tar(src / "a.tar", members)
+    write_tar(src / "b.tar", members[:6])
     cut = (src / "b.tar").read_bytes()
     (src / "b.tar").write_bytes(cut[: len(cut) // 2])
     summary = encode_shards_to_latents(src, vae_dir, tmp_path / "out", 16, batch_size=2, device="cpu")
@@ -251,7 +244,7 @@ def test_member_names_escaping_the_folder_are_refused(vae_dir, tmp_path):
     members = [("../up.png", good), ("../up.txt", b"x"), ("/abs/p.png", good), ("/abs/p.txt", b"x")]
     src = tmp_path / "src"
     src.mkdir()
-    _write_tar(src / "evil.tar", members + [("sub/ok.png", good), ("sub/ok.txt", b"a blue square")])
+    write_tar(src / "evil.tar", members + [("sub/ok.png", good), ("sub/ok.txt", b"a blue square")])
     summary = encode_shards_to_latents(src, vae_dir, tmp_path / "out", 16, device="cpu")
     assert summary["written"] == 1 and summary["skipped"] == {"unsafe_name": 4}
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, write_tar
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -256,8 +254,8 @@ def test_training_goes_on_over_bad_records_and_reports_each_kind(tiny_train_setu
     ]
     data = tmp_path / "data"
     data.mkdir()
-    _write_tar(data / "a.tar", members)
-    _write_tar(data / "b.tar", members[:12])
+    write_tar(data / "a.tar", members)
+    write_tar(data / "b.tar", members[:12])
     cut = (data / "b.tar").read_bytes()
     (data / "b.tar").write_bytes(cut[: len(cut) // 2])  # truncated tar: its complete records are still used
     stage_run_dir(tiny_train_setup, tmp_path / "run")
@@ -314,11 +312,3 @@ def test_checkpoint_files_that_are_truncated_pickled_or_from_another_config_are_
     os.replace(tmp_path / "step-00000001", tmp_path / ".step-00000001.old-123")
     assert clean_stale_temp(tmp_path) == [".step-00000001.old-123", ".step-00000003.tmp-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
-
-
-def _write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))

@@ -30,6 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from mmdiff.data.loader import image_to_tensor, iterate_records, resize_center_crop
 from mmdiff.data.shapes import COLORS, SHAPES, SIZES, parse_caption, render_scene, scene_from_attributes
@@ -187,14 +188,14 @@ def train_feature_classifier(
     generator = torch.Generator().manual_seed(seed)
     start, losses = time.time(), []
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="eval-classifier", dynamic_ncols=True):
         index = torch.randint(len(pixels), (min(batch_size, len(pixels)),), generator=generator)
         loss = _losses(model(pixels[index].to(device)), {k: v[index].to(device) for k, v in targets.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     record = {
         "train_shards": train_shards,
         "val_shards": val_shards,

@@ -384,4 +384,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
             f"done at step {step}: skipped records: {kinds}; non-finite batches skipped: {nonfinite_skipped}"
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    # Tear the process group down here, together, rather than in interpreter shutdown, where gloo's threads can
+    # abort one rank ("terminate called without an active exception") after a run that itself succeeded.
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return summary
