@@ -49,10 +49,13 @@ def _wait_for(predicate, proc: subprocess.Popen) -> None:
     """Poll the file system until `predicate()` holds; fail if the process ends first or the deadline passes."""
     deadline = time.monotonic() + DEADLINE_S
     while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before the kill point:\n{proc.stdout.read()[-3000:]}")
         assert time.monotonic() < deadline, "deadline passed while waiting for the kill point"
-        time.sleep(0.01)  # poll interval only; correctness never depends on it
+        try:  # wait on the child itself between looks at the files: returns at once if it ends
+            proc.wait(timeout=0.01)
+        except subprocess.TimeoutExpired:
+            continue
+        if not predicate():
+            pytest.fail(f"training ended before the kill point:\n{proc.stdout.read()[-3000:]}")
 
 
 def _kill(proc: subprocess.Popen) -> None:

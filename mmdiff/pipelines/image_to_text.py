@@ -35,7 +35,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
     """Caption images with the shared MMDiT by unmasking a fully masked caption over K steps.
 
     Example:
-        >>> pipe = MMDiffImageToTextPipeline.from_pretrained("assets/shapes_small")
+        >>> pipe = MMDiffImageToTextPipeline.from_pretrained("./assets/shapes_small")
         >>> pipe(image, guidance_scale=2.0).text[0]
     """
 

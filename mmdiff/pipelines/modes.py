@@ -2,7 +2,7 @@
 caption infilling. Each takes either pipeline class (they share components) and returns a small output object.
 
     >>> from mmdiff.pipelines import MMDiffTextToImagePipeline, sample_pairs, vary_image, infill_caption
-    >>> pipe = MMDiffTextToImagePipeline.from_pretrained("assets/shapes_small")
+    >>> pipe = MMDiffTextToImagePipeline.from_pretrained("./assets/shapes_small")
     >>> pairs = sample_pairs(pipe, num_pairs=4, generator=torch.Generator().manual_seed(0))
 """
 

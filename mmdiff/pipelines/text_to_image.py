@@ -42,7 +42,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     """Generate images from captions with the shared MMDiT.
 
     Example:
-        >>> pipe = MMDiffTextToImagePipeline.from_pretrained("assets/shapes_small")
+        >>> pipe = MMDiffTextToImagePipeline.from_pretrained("./assets/shapes_small")
         >>> image = pipe("a small red circle above a large blue square", guidance_scale=3.0).images[0]
     """
 
