@@ -20,6 +20,9 @@ from .config import load_config
 from .paths import SHIPPED_MODEL, VAL_SAMPLE, find_repo_file
 from .sampling import save_grid
 
+# The `sample` settings the demo uses (from the config saved with the pipeline, or the training config).
+SAMPLE_KEYS = ("num_inference_steps", "guidance_scale", "caption_steps", "caption_guidance_scale")
+
 
 def find_config(name: str) -> Path:
     """configs/NAME from the working directory, else from the source checkout this package runs from."""
@@ -125,7 +128,7 @@ def _sample_settings(folder: Path) -> dict:
     """Sampling defaults from the `sample` section of the config saved with the pipeline (mmdiff_config.yaml)."""
     from omegaconf import OmegaConf
 
-    defaults = {"num_inference_steps": 25, "guidance_scale": 3.0, "caption_steps": 16, "caption_guidance_scale": 2.0}
+    defaults = dict(zip(SAMPLE_KEYS, (25, 3.0, 16, 2.0)))
     saved = folder / "mmdiff_config.yaml"
     if saved.is_file():
         section = OmegaConf.to_container(OmegaConf.load(saved)).get("sample") or {}
@@ -156,7 +159,7 @@ def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t2i = MMDiffTextToImagePipeline.from_pretrained(summary["pipeline"]).to(device)
     i2t = MMDiffImageToTextPipeline(**t2i.components)
-    sample_cfg = {k: getattr(cfg.sample, k) for k in _sample_settings(Path(summary["pipeline"]))}
+    sample_cfg = {k: getattr(cfg.sample, k) for k in SAMPLE_KEYS}
     result = _write_samples(
         t2i, i2t, _held_out(data / "val", 16), out, sample_cfg, torch.Generator(device).manual_seed(0)
     )

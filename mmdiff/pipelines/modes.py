@@ -58,6 +58,29 @@ def _split_generator(
     return generator, generator
 
 
+def _images_for_captions(
+    pipe: MMDiffPipelineBase,
+    captions: list[str],
+    per_caption: int,
+    image_steps: int,
+    guidance_scale: float,
+    generator: Any,
+    output_type: str,
+    image_kwargs: dict,
+) -> ImageCaptionOutput:
+    """The image stage shared by the caption-then-generate modes: `per_caption` images from each caption."""
+    images = as_text_to_image(pipe)(
+        captions,
+        num_inference_steps=image_steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=per_caption,
+        generator=generator,
+        output_type=output_type,
+        **image_kwargs,
+    ).images
+    return ImageCaptionOutput(text=captions, images=images)
+
+
 @torch.no_grad()
 def sample_pairs(
     pipe: MMDiffPipelineBase,
@@ -80,6 +103,7 @@ def sample_pairs(
     A caption that comes out empty (the model may end it at once) gives an unconditional image.
     `image_kwargs` go to the text-to-image call (scheduler options such as `guidance_interval`, `height`).
     """
+    caption_gen, image_gen = _split_generator(generator, num_images_per_caption)
     captions = as_image_to_text(pipe)(
         None,
         num_captions=num_pairs,
@@ -88,18 +112,11 @@ def sample_pairs(
         max_length=max_length,
         remasking=remasking,
         temperature=temperature,
-        generator=_split_generator(generator, num_images_per_caption)[0],
+        generator=caption_gen,
     ).text
-    images = as_text_to_image(pipe)(
-        captions,
-        num_inference_steps=image_steps,
-        guidance_scale=guidance_scale,
-        num_images_per_prompt=num_images_per_caption,
-        generator=_split_generator(generator, num_images_per_caption)[1],
-        output_type=output_type,
-        **image_kwargs,
-    ).images
-    return ImageCaptionOutput(text=captions, images=images)
+    return _images_for_captions(
+        pipe, captions, num_images_per_caption, image_steps, guidance_scale, image_gen, output_type, image_kwargs
+    )
 
 
 @torch.no_grad()
@@ -132,16 +149,9 @@ def vary_image(
         temperature=temperature,
         generator=caption_gen,
     ).text
-    images = as_text_to_image(pipe)(
-        captions,
-        num_inference_steps=image_steps,
-        guidance_scale=guidance_scale,
-        num_images_per_prompt=num_variations,
-        generator=image_gen,
-        output_type=output_type,
-        **image_kwargs,
-    ).images
-    return ImageCaptionOutput(text=captions, images=images)
+    return _images_for_captions(
+        pipe, captions, num_variations, image_steps, guidance_scale, image_gen, output_type, image_kwargs
+    )
 
 
 @torch.no_grad()
