@@ -16,13 +16,14 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     assert {"cpu", "torch", "diffusers", "transformers", "torch_threads"} <= set(report["machine"])
     assert report["machine"]["torch_threads"] == 1
     assert all_finite(report)
+    assert isinstance(report["malloc_keeps_freed_memory"], bool)
 
     train = report["train"]["results"]
-    assert set(train) == {"pixart", "mmdiff", "mmdiff_joint"}
+    assert set(train) == {"pixart", "mmdiff", "mmdiff_frozen_text", "mmdiff_joint"}
     for record in train.values():
         assert record["per_s"] > 0 and record["peak_mem_mb"] >= 0 and record["tflops_per_s"] > 0
         assert len(record["times_s"]) == report["preset"]["repeats"]
-    assert set(report["train"]["ratios"]) == {"mmdiff/pixart", "mmdiff_joint/pixart"}
+    assert set(report["train"]["ratios"]) == {"mmdiff/pixart", "mmdiff_frozen_text/pixart", "mmdiff_joint/pixart"}
 
     sample = report["sample"]["results"]
     assert set(sample) == {"pixart", "mmdiff", "mmdiff_interval"}

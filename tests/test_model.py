@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_model
 
@@ -81,3 +82,55 @@ def test_gradient_checkpointing_gives_same_gradients(tokenizer):
         model(torch.ones(2, 4, 8, 8), 0.5, ctx, mask).square().sum().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("null_length", [1, 3])
+def test_null_rows_equal_attending_to_the_null_context(tokenizer, null_length):
+    # null_rows=k conditions the first k rows on the null context without K/V for them; a one-token null context
+    # takes the constant-output shortcut, a longer one is attended to: both must equal the explicit null context
+    model = make_model(tokenizer, null_context_length=null_length)
+    with torch.no_grad():  # move off adaLN-Zero's zero init so that every branch (cross-attention too) matters
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    text_ctx, text_mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
+    image_ctx, image_mask = model.encode_image(torch.randn(3, 4, 8, 8))
+    t = torch.rand(5)
+    for sample, ctx, mask, kind in (
+        (torch.randn(5, 4, 8, 8), text_ctx, text_mask, "text"),
+        (torch.randint(0, len(tokenizer), (5, 12)), image_ctx, image_mask, "image"),
+    ):
+        null, null_mask = model.null_context(kind, 2, ctx.shape[1])
+        explicit = model(sample, t, torch.cat([null, ctx]), torch.cat([null_mask, mask]))
+        assert torch.allclose(model(sample, t, ctx, mask, null_rows=2), explicit, atol=1e-5)
+        precomputed = model.null_outputs(kind)  # once per sampling call; None for a longer null context
+        assert (precomputed is None) == (null_length > 1)
+        fast = model(sample, t, ctx, mask, null_rows=2, null_outputs=precomputed)
+        assert torch.allclose(fast, explicit, atol=1e-5)
+        assert not torch.allclose(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], null_rows=2), explicit, atol=1e-3)
+    with pytest.raises(ValueError, match="null_rows=1 plus the context's 3 rows"):
+        model(torch.randn(5, 4, 8, 8), t, text_ctx, text_mask, null_rows=1)
+
+
+def test_text_context_is_trimmed_to_the_longest_caption_exactly(model, tokenizer):
+    # dynamic padding: the context keeps only the positions some row uses, and a caption encoded in a padded batch
+    # gives the same context and the same image prediction as the caption encoded alone without padding
+    short = tokenizer.convert_tokens_to_ids(["a", "small", "red", "circle"])
+    long = tokenizer.convert_tokens_to_ids(
+        ["a", "large", "blue", "square", "left", "of", "a", "small", "red", "circle"]
+    )
+    pad = tokenizer.pad_token_id
+    batch = torch.tensor([short + [pad] * 8, long + [pad] * 2])
+    ctx, mask = model.encode_text(batch, batch != pad)
+    assert ctx.shape[1] == 10 and mask.shape == (2, 10) and mask[0].sum() == 4
+    alone_ids = torch.tensor([short + [pad] * 8])
+    alone, alone_mask = model.encode_text(alone_ids, alone_ids != pad)
+    assert alone.shape[1] == 4 and alone_mask.all()
+    assert torch.allclose(ctx[0, :4], alone[0], atol=1e-5)
+    latents = torch.randn(1, 4, 8, 8)
+    assert torch.allclose(model(latents, 0.5, ctx[:1], mask[:1]), model(latents, 0.5, alone, alone_mask), atol=1e-5)
+    # frozen-encoder features are trimmed the same way
+    projecting = make_model(tokenizer, external_text_dim=16)
+    features = torch.randn(2, 12, 16)
+    projected, projected_mask = projecting.encode_external_text(features, batch != pad)
+    assert projected.shape == (2, 10, 32) and torch.equal(projected_mask, mask)

@@ -76,7 +76,15 @@ def build_vae(preset: BenchPreset, device: torch.device):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def build_mmdiff(preset: BenchPreset, vocab_size: int, device: torch.device, context_length: int | None = None):
+def build_mmdiff(
+    preset: BenchPreset,
+    vocab_size: int,
+    device: torch.device,
+    context_length: int | None = None,
+    external_text_dim: int | None = None,
+):
+    """mmdiff's transformer at the preset's size; `external_text_dim` gives it the projection for a frozen text
+    encoder's features (the configuration that trains on precomputed caption features, as PixArt does)."""
     torch.manual_seed(0)
     return MMDiTModel(
         sample_size=preset.latent_size,
@@ -90,6 +98,7 @@ def build_mmdiff(preset: BenchPreset, vocab_size: int, device: torch.device, con
         mlp_ratio=preset.mlp_ratio,
         text_encoder_depth=preset.text_encoder_depth,
         image_encoder_depth=preset.image_encoder_depth,
+        external_text_dim=external_text_dim,
     ).to(device)
 
 
@@ -188,6 +197,32 @@ def mmdiff_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: 
     return _train_step(model, optimizer, loss, autocast)
 
 
+def caption_features(preset: BenchPreset, batch: int, channels: int, device):
+    """Random precomputed caption features (batch, S, channels) and their key mask: the prompts' word counts."""
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(batch, preset.context_length, channels, generator=g).to(device)
+    lengths = torch.tensor([len(PROMPTS[i % len(PROMPTS)].split()) for i in range(batch)])
+    mask = (torch.arange(preset.context_length)[None] < lengths[:, None]).to(device)
+    return features, mask
+
+
+def mmdiff_frozen_image_step(model: MMDiTModel, preset: BenchPreset, batch: int, device, autocast):
+    """mmdiff's text -> image training step on precomputed features of a frozen text encoder (the same random
+    features and mask as PixArt's step): projection, 10% condition dropout, the image forward, MSE, backward, AdamW."""
+    model.train()
+    optimizer = _optimizer(model)
+    _, noisy, target, timesteps = _image_batch(preset, batch, device)
+    features, feature_mask = caption_features(preset, batch, model.config.external_text_dim, device)
+    drop = torch.arange(batch, device=device) % 10 == 9
+    t = timestep_to_t(timesteps, NOISE_CONFIG["num_train_timesteps"]).to(device)
+
+    def loss() -> torch.Tensor:
+        context, mask = model.drop_context(*model.encode_external_text(features, feature_mask), drop, "text")
+        return F.mse_loss(model(noisy, t, context, mask).float(), target)
+
+    return _train_step(model, optimizer, loss, autocast)
+
+
 def mmdiff_joint_step(model: MMDiTModel, tokenizer, batch: int, device, autocast, latent_size: int, in_channels: int):
     """mmdiff's full training step: both directions (`joint_losses`) on one batch of image-caption pairs."""
     model.train()
@@ -211,10 +246,8 @@ def pixart_image_step(model: PixArtTransformer2DModel, preset: BenchPreset, batc
     model.train()
     optimizer = _optimizer(model)
     _, noisy, target, timesteps = _image_batch(preset, batch, device)
-    g = torch.Generator().manual_seed(1)
-    features = torch.randn(batch, preset.context_length, model.config.caption_channels, generator=g).to(device)
-    lengths = torch.tensor([len(PROMPTS[i % len(PROMPTS)].split()) for i in range(batch)])
-    mask = (torch.arange(preset.context_length)[None] < lengths[:, None]).long().to(device)
+    features, mask = caption_features(preset, batch, model.config.caption_channels, device)
+    mask = mask.long()
     added = {"resolution": None, "aspect_ratio": None}
 
     def loss() -> torch.Tensor:

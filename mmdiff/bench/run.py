@@ -22,7 +22,7 @@ import torch
 from . import contenders as C
 from .flops import measure_peak_flops, mmdiff_train_flops, pixart_train_flops
 from .presets import PRESETS, BenchPreset, machine_info, quick
-from .timing import Contender, peak_memory_mb, summarize, time_alternating
+from .timing import Contender, keep_freed_memory, peak_memory_mb, summarize, time_alternating
 
 SECTIONS = ("train", "sample", "caption", "scaling")
 
@@ -69,6 +69,8 @@ def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models
     report = {
         "preset": preset.as_dict(),
         "machine": machine_info(device),
+        # CPU: both contenders reuse freed memory instead of faulting it in every step (see keep_freed_memory)
+        "malloc_keeps_freed_memory": keep_freed_memory() if device.type == "cpu" else False,
         "dtype": "bf16 autocast" if dtype == torch.bfloat16 else "float32",
         "compile": compile_models,
         "peak_flops_per_s": measure_peak_flops(device, dtype, preset.peak_matmul_size),
@@ -99,8 +101,13 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, peak_flops: fl
     """Image-task training steps of both transformers and mmdiff's joint step, alternated; then one step each for
     peak memory."""
     batch, vocab = preset.train_batch, len(tokenizer)
+    # mmdiff trims the context to the batch's longest caption: count its FLOPs at that length (PixArt: padded length)
+    trimmed = int((C.caption_ids(tokenizer, batch, preset.context_length) != tokenizer.pad_token_id).sum(1).max())
     pixart = C.compile_transformer(C.build_pixart(preset, device), compile_models)
     mmdiff = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
+    frozen = C.compile_transformer(
+        C.build_mmdiff(preset, vocab, device, external_text_dim=preset.hidden_size), compile_models
+    )
     joint = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
     contenders = [
         Contender(
@@ -115,14 +122,21 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, peak_flops: fl
             C.mmdiff_image_step(mmdiff, tokenizer, preset, batch, device, autocast),
             batch,
             device,
-            mmdiff_train_flops(preset, batch, vocab),
+            mmdiff_train_flops(preset, batch, vocab, context_tokens=trimmed),
+        ),
+        Contender(
+            "mmdiff_frozen_text",
+            C.mmdiff_frozen_image_step(frozen, preset, batch, device, autocast),
+            batch,
+            device,
+            mmdiff_train_flops(preset, batch, vocab, frozen_text=True, context_tokens=trimmed),
         ),
         Contender(
             "mmdiff_joint",
             C.mmdiff_joint_step(joint, tokenizer, batch, device, autocast, preset.latent_size, preset.in_channels),
             batch,
             device,
-            mmdiff_train_flops(preset, batch, vocab, joint=True),
+            mmdiff_train_flops(preset, batch, vocab, joint=True, context_tokens=trimmed),
         ),
     ]
     results = _compare(contenders, preset, peak_flops)
@@ -139,6 +153,7 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, peak_flops: fl
         "results": results,
         "ratios": {
             "mmdiff/pixart": results["mmdiff"]["per_s"] / results["pixart"]["per_s"],
+            "mmdiff_frozen_text/pixart": results["mmdiff_frozen_text"]["per_s"] / results["pixart"]["per_s"],
             "mmdiff_joint/pixart": results["mmdiff_joint"]["per_s"] / results["pixart"]["per_s"],
         },
     }
@@ -230,7 +245,7 @@ def format_table(report: dict) -> str:
 
     if "train" in report:
         res = report["train"]["results"]
-        for name in ("pixart", "mmdiff", "mmdiff_joint"):
+        for name in ("pixart", "mmdiff", "mmdiff_frozen_text", "mmdiff_joint"):
             lines.append(row("train", name, res[name], "img/s", res["pixart"]["per_s"] if name != "pixart" else None))
     if "sample" in report:
         res = report["sample"]["results"]

@@ -99,6 +99,25 @@ def peak_memory_mb(run: Callable[[], object], device: torch.device) -> float:
     return max(sampler.peak - before, 0) / 2**20
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks (up to 32 MiB each) for reuse instead of unmapping them; True when applied.
+
+    PyTorch's CPU allocator takes tensors straight from malloc, and glibc serves large blocks with mmap and unmaps
+    them on free, so each step faults its activations in again. How many depends on the order of allocations, not on
+    the work: in cpu-small training steps this varied from 1,400 to 12,600 minor faults per step between runs and
+    contenders, enough to move a ratio by 5%. With the thresholds raised both contenders reuse their memory and the
+    count drops to ~0 after warm-up. A no-op off glibc (macOS, musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 def _malloc_trim() -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -24,7 +24,6 @@ from mmdiff.data.shapes import parse_caption
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.guidance import classifier_free_guidance
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
-from mmdiff.pipelines.text_to_image import pad_context
 
 from .detector import ATTRIBUTES, compare_scenes
 
@@ -111,27 +110,19 @@ def caption_nll(
     for start in range(0, len(captions), batch_size):
         ids = ids_all[start : start + batch_size].to(device)
         n = ids.shape[0]
-        null, null_mask = transformer.null_context("image", n)
         if images is None:
-            context, context_mask = null, null_mask
+            context, context_mask = transformer.null_context("image", n)
         else:
             pixels = pipe.preprocess_images(images[start : start + batch_size])
             context, context_mask = transformer.encode_image(pipe.encode_images(pixels))
         guided = images is not None and guidance_scale != 1.0
-        if guided:
-            length = max(context.shape[1], null.shape[1])
-            context, context_mask = pad_context(context, context_mask, length)
-            null, null_mask = pad_context(null.to(context.dtype), null_mask, length)
-            kv = transformer.context_kv(torch.cat([null, context]))
-            both_mask = torch.cat([null_mask, context_mask])
-        else:
-            kv = transformer.context_kv(context)
+        kv = transformer.context_kv(context)
         for _ in range(num_levels):
             t = sample_mask_levels(n, eps, generator=generator).to(device)
             noisy, is_masked = mask_tokens(ids, t, mask_id, generator)
-            if guided:
+            if guided:  # the unconditional rows use the null image context (`null_rows`)
                 logits = transformer(
-                    torch.cat([noisy, noisy]), torch.cat([t, t]), context_mask=both_mask, context_kv=kv
+                    torch.cat([noisy, noisy]), torch.cat([t, t]), context_mask=context_mask, context_kv=kv, null_rows=n
                 )
                 uncond, cond = logits.float().chunk(2)
                 logits = classifier_free_guidance(cond, uncond, guidance_scale)

@@ -38,8 +38,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
-        qkv = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, N, H, T, d)
-        out = attention(qkv[0], qkv[1], qkv[2], key_mask)  # (N, H, T, d)
+        # unbind, not indexing: its backward writes the three gradients into one buffer (indexing zero-fills a full
+        # (3, N, H, T, d) buffer per index)
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, key_mask)  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -56,8 +58,14 @@ class CrossAttention(nn.Module):
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context: (N, S, D) -> keys and values, each (N, H, S, d)."""
         n, s, d = context.shape
-        kv = self.kv(context).view(n, s, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return kv[0], kv[1]
+        k, v = self.kv(context).view(n, s, 2, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def single_key_output(self, context: torch.Tensor) -> torch.Tensor:
+        """The output for a one-token context (1, D), the same for every query: softmax over one key is 1, so
+        attention returns that key's value. (1, D)."""
+        value = self.kv(context)[:, context.shape[-1] :]  # the kv layout is (2, H, d): values are the second half
+        return self.proj(value)
 
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None
@@ -106,11 +114,21 @@ class DiTBlock(nn.Module):
         cond: torch.Tensor,
         context_kv: tuple[torch.Tensor, torch.Tensor],
         context_mask: torch.Tensor | None,
+        null_output: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (N, T, D) noisy stream; cond: (N, D); context_kv: 2 x (N, H, S, d); context_mask: (N, S) bool."""
+        """x: (N, T, D) noisy stream; cond: (N, D); context_kv: 2 x (M, H, S, d); context_mask: (M, S) bool.
+
+        With `null_output` (1, D), the first N - M rows attend to a one-token null context: they get that constant
+        cross-attention output (`CrossAttention.single_key_output`) and skip the query/attention/projection work.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(cond).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(self.norm_cross(x), context_kv, context_mask)
+        if null_output is None:
+            x = x + self.cross_attn(self.norm_cross(x), context_kv, context_mask)
+        else:
+            k = x.shape[0] - context_kv[0].shape[0]
+            cross = self.cross_attn(self.norm_cross(x[k:]), context_kv, context_mask)
+            x = torch.cat([x[:k] + null_output, x[k:] + cross])
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 

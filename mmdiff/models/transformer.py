@@ -20,6 +20,16 @@ TASK_IMAGE, TASK_TEXT = 0, 1
 CONTEXT_KINDS = ("text", "image")
 
 
+def trim_padding(sequence: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing positions where `mask` (N, L) is False in every row from `sequence` (N, L, ...) and the mask;
+    at least one position stays."""
+    valid = mask.any(0).nonzero()
+    length = int(valid.max()) + 1 if valid.numel() else 1
+    if length == mask.shape[1]:
+        return sequence, mask
+    return sequence[:, :length], mask[:, :length]
+
+
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> (N, D): sinusoidal features of 1000 t, then an MLP (DiT)."""
 
@@ -144,7 +154,9 @@ class MMDiTModel(ModelMixin, ConfigMixin):
     def _patchify(self, embed: nn.Conv2d, latents: torch.Tensor) -> torch.Tensor:
         x = embed(latents)  # (N, D, h, w)
         h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (N, h*w, D)
+        # contiguous: a transposed view would pass its strides on through every residual add, and each LayerNorm
+        # (forward and backward) would then copy its input
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (N, h*w, D)
         return x + self._image_pos_embed(h, w, x)
 
     def encode_text(
@@ -152,11 +164,13 @@ class MMDiTModel(ModelMixin, ConfigMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint text context encoder. input_ids: (N, L); attention_mask: (N, L), 1 on real tokens.
 
-        Returns the context (N, L, D) and its key mask (N, L) bool.
+        Returns the context (N, L', D) and its key mask (N, L') bool, where L' <= L drops the trailing positions that
+        are padding in every row (dynamic padding: exact, as masked keys get no attention weight, and it saves the
+        encoder, the cross-attention K/V and the attention scores their share of padding).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        mask = attention_mask.bool()
+        input_ids, mask = trim_padding(input_ids, attention_mask.bool())
         x = self.token_embed(input_ids) + self.context_text_pos_embed[:, : input_ids.shape[1]]
         for block in self.text_encoder_blocks:
             x = block(x, mask)
@@ -165,10 +179,12 @@ class MMDiTModel(ModelMixin, ConfigMixin):
     def encode_external_text(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project a frozen text encoder's hidden states (N, S, E) into context space (N, S, D)."""
+        """Project a frozen text encoder's hidden states (N, S, E) into context space (N, S', D), S' <= S without
+        the trailing all-padding positions (see `encode_text`)."""
         if self.external_text_proj is None:
             raise ValueError("this model was built without external_text_dim; it has no frozen-encoder projection")
-        return self.text_context_norm(self.external_text_proj(hidden_states)), attention_mask.bool()
+        hidden_states, mask = trim_padding(hidden_states, attention_mask.bool())
+        return self.text_context_norm(self.external_text_proj(hidden_states)), mask
 
     def encode_image(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image context from clean scaled latents (N, C, H, W): (N, S, D) with S = H*W/p^2, and an all-True mask."""
@@ -211,6 +227,17 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         """Cross-attention keys/values of every block for a context (N, S, D); compute once per sampling call."""
         return [block.cross_attn.context_kv(context) for block in self.blocks]
 
+    def null_outputs(self, kind: str) -> list[torch.Tensor] | None:
+        """Every block's cross-attention output (1, D) for the one-token null context of `kind`; None when the null
+        context is longer (it is then attended to like any context). Constant for fixed weights: compute it once
+        per sampling call and pass it to `forward(..., null_rows=..., null_outputs=...)`."""
+        if kind not in CONTEXT_KINDS:
+            raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
+        null = self.null_text_context if kind == "text" else self.null_image_context
+        if null.shape[0] != 1:
+            return None
+        return [block.cross_attn.single_key_output(null) for block in self.blocks]
+
     # ---------------------------------------------------------------- denoising
 
     def forward(
@@ -220,6 +247,8 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        null_rows: int = 0,
+        null_outputs: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -229,6 +258,11 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             context: (N, S, D) cross-attention context (from `encode_text`/`encode_image`/`null_context`).
             context_mask: (N, S) bool key padding mask.
             context_kv: precomputed `context_kv(context)`; when given, `context` is not needed.
+            null_rows: the first `null_rows` rows of `sample` are conditioned on the learned null context (the
+                unconditional half of a CFG batch); `context`/`context_kv`/`context_mask` then cover only the other
+                rows. A one-token null context costs nothing per token: cross-attention to a single key returns its
+                value for every query, so those rows get one constant per block (exactly what attending gives).
+            null_outputs: precomputed `null_outputs(kind)` for `null_rows` (compute it once per sampling call).
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
@@ -245,14 +279,51 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             if context is None:
                 raise ValueError("forward needs a context or precomputed context_kv")
             context_kv = self.context_kv(context)
-        for block, kv in zip(self.blocks, context_kv, strict=True):
+        per_block: list[torch.Tensor | None] = [None] * len(self.blocks)
+        if null_rows:
+            context_kv, context_mask, per_block = self._with_null_rows(
+                null_rows, n, "image" if is_text else "text", context_kv, context_mask, null_outputs
+            )
+        for block, kv, null_out in zip(self.blocks, context_kv, per_block, strict=True):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, cond, kv, context_mask)
+                x = self._gradient_checkpointing_func(block, x, cond, kv, context_mask, null_out)
             else:
-                x = block(x, cond, kv, context_mask)
+                x = block(x, cond, kv, context_mask, null_out)
         if is_text:
             return self.text_head(x, cond)  # (N, L, V)
         return self._unpatchify(self.image_head(x, cond), sample.shape[-2], sample.shape[-1])
+
+    def _with_null_rows(
+        self,
+        null_rows: int,
+        batch: int,
+        kind: str,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        context_mask: torch.Tensor | None,
+        null_outputs: list[torch.Tensor] | None,
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, list[torch.Tensor | None]]:
+        """K/V, mask and per-block null outputs for a batch whose first `null_rows` rows use the null context."""
+        rows = context_kv[0][0].shape[0]
+        if not isinstance(null_rows, int) or null_rows < 0 or null_rows + rows != batch:
+            raise ValueError(
+                f"null_rows={null_rows} plus the context's {rows} rows must equal the batch of {batch} samples"
+            )
+        null = self.null_text_context if kind == "text" else self.null_image_context
+        if null.shape[0] == 1:  # the shortcut: one constant per block
+            return context_kv, context_mask, null_outputs or self.null_outputs(kind)
+        # a longer null context: attend to it like any other context, its K/V prepended to the given rows
+        length = context_kv[0][0].shape[2]
+        if context_mask is None:
+            context_mask = torch.ones(rows, length, dtype=torch.bool, device=null.device)
+        null_context, null_mask = self.null_context(kind, null_rows, length)
+        pad = null_context.shape[1] - length
+        null_kv = self.context_kv(null_context.to(context_kv[0][0].dtype))
+        pad_kv = (lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad))) if pad else (lambda t: t)
+        merged = [
+            (torch.cat([nk, pad_kv(k)]), torch.cat([nv, pad_kv(v)])) for (nk, nv), (k, v) in zip(null_kv, context_kv)
+        ]
+        mask = torch.cat([null_mask, torch.nn.functional.pad(context_mask, (0, pad), value=False)])
+        return merged, mask, [None] * len(self.blocks)
 
     def _unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""

@@ -110,16 +110,11 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         # 3. initial caption: the fixed prompt tokens, masks everywhere else
         ids, fixed, blanks = self.initial_tokens(prompt, batch, max_length, device)
 
-        # 4. the unconditional branch is the null image context; K/V of both computed once for the call
+        # 4. the image context's K/V, computed once for the call; the unconditional branch is the null image
+        # context, which the transformer handles itself (`null_rows`)
         use_cfg = guidance_scale != 1.0 and image is not None
-        if use_cfg:
-            uncond, uncond_mask = self.transformer.null_context("image", batch, context.shape[1])
-            both_mask = torch.cat([uncond_mask, context_mask])
-            both_context = torch.cat([uncond.to(context.dtype), context])
-            both_kv = self.transformer.context_kv(both_context)
-            cond_kv = [(k[batch:], v[batch:]) for k, v in both_kv]
-        else:
-            cond_kv = self.transformer.context_kv(context)
+        cond_kv = self.transformer.context_kv(context)
+        null_outputs = self.transformer.null_outputs("image") if use_cfg else None
 
         # 5. unmask
         self.text_scheduler.set_timesteps(num_inference_steps, device=device)
@@ -128,14 +123,20 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         self._num_forward_rows = 0
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(self.text_scheduler.timesteps):
+                kv = cond_kv if self.cache_context_kv else self.transformer.context_kv(context)
                 if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
-                    kv = both_kv if self.cache_context_kv else self.transformer.context_kv(both_context)
-                    logits = self.transformer(torch.cat([ids, ids]), t, context_mask=both_mask, context_kv=kv)
+                    logits = self.transformer(
+                        torch.cat([ids, ids]),
+                        t,
+                        context_mask=context_mask,
+                        context_kv=kv,
+                        null_rows=batch,
+                        null_outputs=null_outputs,
+                    )
                     uncond_logits, cond_logits = logits.float().chunk(2)
                     logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)
                     self._num_forward_rows += 2 * batch
                 else:
-                    kv = cond_kv if self.cache_context_kv else self.transformer.context_kv(context)
                     logits = self.transformer(ids, t, context_mask=context_mask, context_kv=kv).float()
                     self._num_forward_rows += batch
                 # a template blank is a word: pad there would cut the caption short

@@ -224,24 +224,24 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         n, s = len(prompts), len(guidance_scales)
         generator = per_sample_generators(generator, n)
 
-        # 2. encode the prompt and the unconditional branch once: their cross-attention K/V are fixed for the call
+        # 2. encode the prompt and the unconditional branch once: their cross-attention K/V are fixed for the call.
+        # Without a negative prompt the unconditional rows use the learned null context, which the transformer
+        # handles itself (`null_rows`): no K/V rows for it here.
         context, context_mask = self.encode_prompt(prompts)
-        needs_uncond = any(w != 1.0 for w in guidance_scales)
-        if needs_uncond:
-            if negative_prompt is not None:
-                negatives = as_prompt_list(negative_prompt, n // num_images_per_prompt, "negative_prompt")
-                uncond, uncond_mask = self.encode_prompt([p for p in negatives for _ in range(num_images_per_prompt)])
-            else:
-                uncond, uncond_mask = self.transformer.null_context("text", n, context.shape[1])
+        negative_rows = any(w != 1.0 for w in guidance_scales) and negative_prompt is not None
+        if negative_rows:
+            negatives = as_prompt_list(negative_prompt, n // num_images_per_prompt, "negative_prompt")
+            uncond, uncond_mask = self.encode_prompt([p for p in negatives for _ in range(num_images_per_prompt)])
             length = max(context.shape[1], uncond.shape[1])
             context, context_mask = pad_context(context, context_mask, length)
             uncond, uncond_mask = pad_context(uncond.to(context.dtype), uncond_mask, length)
-            # rows [uncond of every group; cond of every group]: (2 S N, ...)
+            # rows [negative of every group; cond of every group]: (2 S N, ...)
             context = torch.cat([uncond.repeat(s, 1, 1), context.repeat(s, 1, 1)])
             context_mask = torch.cat([uncond_mask.repeat(s, 1), context_mask.repeat(s, 1)])
         else:
             context, context_mask = context.repeat(s, 1, 1), context_mask.repeat(s, 1)
         context_kv = self.transformer.context_kv(context)
+        null_outputs = None if negative_rows else self.transformer.null_outputs("text")
         rows = s * n  # conditional rows; the last `rows` rows of the context
 
         # 3. prepare latents: one draw of N, shared by every group of the sweep
@@ -269,16 +269,22 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     or [torch.zeros(0, dtype=torch.long, device=device)]
                 )
                 cond_start = context.shape[0] - rows
-                if all(active):  # every group guided: the cached K/V as they are
-                    kv, mask, x = context_kv, context_mask, torch.cat([model_input, model_input])
+                x = torch.cat([model_input[uncond_rows], model_input]) if any(active) else model_input
+                null_rows = 0
+                if not negative_rows:  # null-context rows (if any) first, then the conditional rows
+                    kv, mask, null_rows = context_kv, context_mask, len(uncond_rows)
+                elif all(active):  # every group guided: the cached K/V as they are
+                    kv, mask = context_kv, context_mask
                 elif not any(active):  # conditional rows only: views of the cache, no copy
                     kv = [(k[cond_start:], v[cond_start:]) for k, v in context_kv]
-                    mask, x = context_mask[cond_start:], model_input
+                    mask = context_mask[cond_start:]
                 else:
                     keep = torch.cat([uncond_rows, torch.arange(cond_start, context.shape[0], device=device)])
                     kv = [(k[keep], v[keep]) for k, v in context_kv]
-                    mask, x = context_mask[keep], torch.cat([model_input[uncond_rows], model_input])
-                pred = self.transformer(x, t, context_mask=mask, context_kv=kv)
+                    mask = context_mask[keep]
+                pred = self.transformer(
+                    x, t, context_mask=mask, context_kv=kv, null_rows=null_rows, null_outputs=null_outputs
+                )
                 self._num_forward_rows += x.shape[0]
                 pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
                 guided, start = [], 0
