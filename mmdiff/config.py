@@ -64,6 +64,7 @@ class ModelConfig:
     text_encoder_depth: int = 2
     image_encoder_depth: int = 1
     null_context_length: int = 1
+    adaln: str = "single"  # single (one shared adaLN linear + a per-block table, PixArt-alpha) | per_block (DiT)
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer in place for training (same weights and checkpoint keys)
@@ -188,6 +189,7 @@ def validate(cfg: Config) -> None:
         "train.lr_schedule": (cfg.train.lr_schedule, ("cosine", "constant")),
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
+        "model.adaln": (cfg.model.adaln, ("single", "per_block")),
         "data.caption_choice": (cfg.data.caption_choice, ("random", "txt")),
         "train.resume": (cfg.train.resume, ("auto", "never")),
         "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),

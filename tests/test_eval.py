@@ -26,6 +26,7 @@ from mmdiff.eval import (
     score_image,
     train_feature_classifier,
 )
+from mmdiff.eval.captions import relation_direction
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
 
 # A random caption names the same normalised scene as another random one with probability sum_s p(s)^2: half the
@@ -185,6 +186,27 @@ def test_caption_nll_bound(pipe):
     )
     # fixed seed: the same masks every call
     assert caption_nll(pipe, images, captions, num_levels=2, seed=0) == with_image
+
+
+def test_relation_direction_probe_bookkeeping(pipe):
+    # the probe masks the relation word and compares the true word with its opposite: giving it the opposite
+    # captions must flip every margin, and captions without a relation are left out
+    with torch.no_grad():  # move off the zero-initialised heads so that the logits depend on the inputs
+        for param in pipe.transformer.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    images = [im.resize((16, 16)) for im, _ in _scenes(3, (6,))]
+    captions = [
+        "a small red circle above a large blue square",
+        "a large yellow circle to the left of a small purple triangle",
+        "there is a small green triangle",
+    ]
+    swapped = [captions[0].replace("above", "below"), captions[1].replace("left", "right"), captions[2]]
+    probe = relation_direction(pipe, images, captions)
+    flipped = relation_direction(pipe, images, swapped)
+    assert probe["num"] == flipped["num"] == 2
+    assert flipped["mean_margin"] == pytest.approx(-probe["mean_margin"], abs=1e-5) and probe["mean_margin"] != 0
+    assert flipped["accuracy"] == pytest.approx(1 - probe["accuracy"])
+    assert 0 <= probe["null_accuracy"] <= 1 and {"left_right", "above_below"} <= set(probe)
 
 
 # ---------------------------------------------------------------- evaluate() and the sweep on a tiny random pipeline

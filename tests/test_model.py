@@ -22,12 +22,35 @@ def test_forward_shapes_for_both_tasks(model, tokenizer):
     assert model(torch.randn(1, 4, 8, 12), 0.5, text_ctx[:1], text_mask[:1]).shape == (1, 4, 8, 12)
 
 
-def test_init_is_adaln_zero():
+@pytest.mark.parametrize("adaln", ["per_block", "single"])
+def test_init_is_adaln_zero(adaln):
     torch.manual_seed(0)
-    fresh = MMDiTModel(sample_size=8, vocab_size=20, max_text_length=6, hidden_size=32, depth=2, num_heads=2)
+    fresh = MMDiTModel(
+        sample_size=8, vocab_size=20, max_text_length=6, hidden_size=32, depth=2, num_heads=2, adaln=adaln
+    )
     ctx, mask = fresh.null_context("text", 2)
     assert torch.count_nonzero(fresh(torch.randn(2, 4, 8, 8), 0.3, ctx, mask)) == 0
     assert torch.count_nonzero(fresh(torch.randint(0, 20, (2, 6)), 0.3, ctx, mask)) == 0
+
+
+def test_adaln_single_shares_one_linear_and_learns_per_block_offsets(tokenizer):
+    per_block, single = make_model(tokenizer, adaln="per_block"), make_model(tokenizer, adaln="single")
+    d, depth = 32, 2
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # depth linears (D -> 6D) become one shared linear plus a (6, D) table per block
+    assert count(per_block) - count(single) == depth * (6 * d * d + 6 * d) - (6 * d * d + 6 * d) - depth * 6 * d
+    # one training step moves the shared linear and every block's table; different tables give different blocks
+    ctx, mask = single.null_context("text", 2)
+    single(torch.randn(2, 4, 8, 8), 0.5, ctx, mask).square().sum().backward()  # zero at init: no gradient yet
+    with torch.no_grad():
+        for block in single.blocks:
+            block.adaLN_table.normal_(std=0.1)
+    single.zero_grad()
+    single(torch.randn(2, 4, 8, 8), 0.5, ctx, mask).square().sum().backward()
+    assert single.adaLN_single[-1].weight.grad.abs().sum() > 0
+    assert all(block.adaLN_table.grad.abs().sum() > 0 for block in single.blocks)
+    with pytest.raises(ValueError, match="adaln='layer' is not one of"):
+        make_model(tokenizer, adaln="layer")
 
 
 def test_padding_keys_are_ignored(model, tokenizer):
@@ -76,12 +99,16 @@ def test_gradient_checkpointing_gives_same_gradients(tokenizer):
     grads = []
     for checkpointing in (False, True):
         model = make_model(tokenizer).train()
+        with torch.no_grad():  # off the zero init, so that the gradients are not all zero
+            generator = torch.Generator().manual_seed(0)
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
         if checkpointing:
             model.enable_gradient_checkpointing()
         ctx, mask = model.null_context("text", 2)
         model(torch.ones(2, 4, 8, 8), 0.5, ctx, mask).square().sum().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("null_length", [1, 3])

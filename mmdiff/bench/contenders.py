@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
+from ..config import ModelConfig
 from ..data.tokenizer import encode_captions, train_word_level_tokenizer
 from ..diffusion.gaussian import make_noise_scheduler, noise_latents, sample_timesteps, timestep_to_t
 from ..diffusion.masked import MaskedDiffusionScheduler
@@ -98,6 +99,7 @@ def build_mmdiff(
         mlp_ratio=preset.mlp_ratio,
         text_encoder_depth=preset.text_encoder_depth,
         image_encoder_depth=preset.image_encoder_depth,
+        adaln=ModelConfig.adaln,  # the architecture `mmdiff train` builds by default
         external_text_dim=external_text_dim,
     ).to(device)
 

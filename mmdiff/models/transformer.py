@@ -17,6 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from .blocks import DiTBlock, EncoderBlock, FinalLayer
 
 TASK_IMAGE, TASK_TEXT = 0, 1
+ADALN_MODES = ("per_block", "single")
 CONTEXT_KINDS = ("text", "image")
 
 
@@ -58,6 +59,10 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         null_context_length: tokens in each learned null context.
         external_text_dim: width of a frozen pretrained text encoder's hidden states; when set, text contexts come
             from `encode_external_text` (a projection) instead of the joint encoder.
+        adaln: "per_block" (DiT: every block maps the conditioning vector to its shift/scale/gate with its own
+            linear) or "single" (PixArt-alpha: one shared linear, plus a learned (6, D) offset table per block).
+            The default stays "per_block" so that saved models without the key load as they were trained; the
+            training config's default (`model.adaln`) is "single".
     """
 
     _supports_gradient_checkpointing = True
@@ -78,8 +83,11 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         image_encoder_depth: int = 1,
         null_context_length: int = 1,
         external_text_dim: int | None = None,
+        adaln: str = "per_block",
     ):
         super().__init__()
+        if adaln not in ADALN_MODES:
+            raise ValueError(f"adaln={adaln!r} is not one of {ADALN_MODES}")
         d, p = hidden_size, patch_size
         self.gradient_checkpointing = False
         self.t_embedder = TimestepEmbedder(d)
@@ -105,7 +113,9 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         self.null_text_context = nn.Parameter(torch.zeros(null_context_length, d))
         self.null_image_context = nn.Parameter(torch.zeros(null_context_length, d))
 
-        self.blocks = nn.ModuleList(DiTBlock(d, num_heads, mlp_ratio) for _ in range(depth))
+        single = adaln == "single"
+        self.adaLN_single = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if single else None
+        self.blocks = nn.ModuleList(DiTBlock(d, num_heads, mlp_ratio, adaln_single=single) for _ in range(depth))
         self.image_head = FinalLayer(d, p * p * in_channels)
         self.text_head = FinalLayer(d, vocab_size)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
@@ -130,9 +140,11 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and both heads predict zeros
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for linear in [block.adaLN_modulation[-1] for block in self.blocks if block.adaLN_modulation is not None] + (
+            [self.adaLN_single[-1]] if self.adaLN_single is not None else []
+        ):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
         for head in (self.image_head, self.text_head):
             for layer in (head.adaLN_modulation[-1], head.linear):
                 nn.init.zeros_(layer.weight)
@@ -284,11 +296,12 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             context_kv, context_mask, per_block = self._with_null_rows(
                 null_rows, n, "image" if is_text else "text", context_kv, context_mask, null_outputs
             )
+        block_cond = self.adaLN_single(cond) if self.adaLN_single is not None else cond
         for block, kv, null_out in zip(self.blocks, context_kv, per_block, strict=True):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, cond, kv, context_mask, null_out)
+                x = self._gradient_checkpointing_func(block, x, block_cond, kv, context_mask, null_out)
             else:
-                x = block(x, cond, kv, context_mask, null_out)
+                x = block(x, block_cond, kv, context_mask, null_out)
         if is_text:
             return self.text_head(x, cond)  # (N, L, V)
         return self._unpatchify(self.image_head(x, cond), sample.shape[-2], sample.shape[-1])

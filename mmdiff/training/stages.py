@@ -87,6 +87,7 @@ def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> M
         # a frozen encoder replaces the joint one: no unused encoder layers (DDP would refuse them)
         text_encoder_depth=0 if external_text_dim else m.text_encoder_depth,
         image_encoder_depth=m.image_encoder_depth,
+        adaln=m.adaln,
         null_context_length=m.null_context_length,
         external_text_dim=external_text_dim,
     )
