@@ -19,7 +19,7 @@ from mmdiff.training.checkpoint import (
     optimizer_state_to_safetensors,
     save_training_state,
 )
-from mmdiff.training.losses import LossWeights, joint_losses
+from mmdiff.training.losses import LossWeights, image_task_loss, joint_losses
 from mmdiff.training.trainer import get_lr_factor, update_ema
 
 
@@ -312,3 +312,30 @@ def test_checkpoint_files_that_are_truncated_pickled_or_from_another_config_are_
     os.replace(tmp_path / "step-00000001", tmp_path / ".step-00000001.old-123")
     assert clean_stale_temp(tmp_path) == [".step-00000001.old-123", ".step-00000003.tmp-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
+
+
+@pytest.mark.parametrize("num_dropped", [0, 2, 4])
+def test_image_task_loss_equals_dropping_to_the_null_context(tokenizer, num_dropped):
+    # dropped rows go first as null rows (not encoded, constant cross-attention): the loss and its gradients must
+    # equal the plain formulation, in which every row is encoded and dropped rows get the null context
+    from torch.nn.functional import mse_loss
+
+    from mmdiff.data.tokenizer import encode_captions
+
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    ids, _ = encode_captions(tokenizer, ["a small red circle", "there is a small green triangle"] * 2, 12)
+    noisy, target, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
+    dropped = torch.tensor([False, True, False, True]) if num_dropped == 2 else torch.arange(4) < num_dropped
+    fast = image_task_loss(model, noisy, target, t, dropped, ids, tokenizer.pad_token_id)
+    fast.backward()
+    fast_grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    context, mask = model.drop_context(*model.encode_text(ids, ids != tokenizer.pad_token_id), dropped, "text")
+    plain = mse_loss(model(noisy, t, context, mask), target)
+    plain.backward()
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(fast_grad, model.blocks[0].attn.qkv.weight.grad, atol=1e-6)

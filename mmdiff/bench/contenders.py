@@ -31,7 +31,7 @@ from ..models.transformer import MMDiTModel
 from ..models.vae import tiny_vae, vae_downsample_factor
 from ..pipelines.image_to_text import MMDiffImageToTextPipeline
 from ..pipelines.text_to_image import MMDiffTextToImagePipeline
-from ..training.losses import LossWeights, joint_losses
+from ..training.losses import LossWeights, image_task_loss, joint_losses
 from .presets import BenchPreset
 
 PROMPTS = [
@@ -192,9 +192,7 @@ def mmdiff_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: 
     t = timestep_to_t(timesteps, NOISE_CONFIG["num_train_timesteps"]).to(device)
 
     def loss() -> torch.Tensor:
-        context, mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
-        context, mask = model.drop_context(context, mask, drop, "text")
-        return F.mse_loss(model(noisy, t, context, mask).float(), target)
+        return image_task_loss(model, noisy, target, t, drop, ids, tokenizer.pad_token_id)
 
     return _train_step(model, optimizer, loss, autocast)
 
@@ -219,8 +217,8 @@ def mmdiff_frozen_image_step(model: MMDiTModel, preset: BenchPreset, batch: int,
     t = timestep_to_t(timesteps, NOISE_CONFIG["num_train_timesteps"]).to(device)
 
     def loss() -> torch.Tensor:
-        context, mask = model.drop_context(*model.encode_external_text(features, feature_mask), drop, "text")
-        return F.mse_loss(model(noisy, t, context, mask).float(), target)
+        context = model.encode_external_text(features, feature_mask)
+        return image_task_loss(model, noisy, target, t, drop, None, 0, text_context=context)
 
     return _train_step(model, optimizer, loss, autocast)
 

@@ -28,6 +28,37 @@ def drop_ids(batch_size: int, p: float, device, generator: torch.Generator | Non
     return torch.rand(batch_size, device=device, generator=generator) < p
 
 
+def image_task_loss(
+    model: MMDiTModel,
+    noisy: torch.Tensor,
+    target: torch.Tensor,
+    t: torch.Tensor,
+    dropped: torch.Tensor,
+    input_ids: torch.Tensor,
+    pad_token_id: int,
+    text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The text -> image loss with condition dropout: MSE of the prediction for `noisy` (N, C, H, W) at `t` (N,).
+
+    Rows where `dropped` (N,) is True are conditioned on the null text context. They go first in the batch as the
+    model's `null_rows` (the loss is a mean, so the order does not matter): their captions are not encoded and their
+    cross-attention is one constant per block. `text_context`: a frozen encoder's projected context and mask; None
+    encodes `input_ids` with the joint text encoder.
+    """
+    order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
+    num_null = int(dropped.sum())
+    kept = order[num_null:]
+    if num_null == len(order):  # every row unconditional: the null context itself
+        context, mask = model.null_context("text", len(order))
+        return image_loss(model(noisy, t, context, mask), target)
+    if text_context is None:
+        context, mask = model.encode_text(input_ids[kept], input_ids[kept] != pad_token_id)
+    else:
+        context, mask = text_context[0][kept], text_context[1][kept]
+    prediction = model(noisy[order], t[order], context, mask, null_rows=num_null)
+    return image_loss(prediction, target[order])
+
+
 def joint_losses(
     model: MMDiTModel,
     latents: torch.Tensor,
@@ -52,16 +83,12 @@ def joint_losses(
     n, device = latents.shape[0], latents.device
 
     # text -> image: the caption is the context, dropped to the null context with p = image_cond_drop
-    if text_context is None:
-        text_context = model.encode_text(input_ids, input_ids != pad_token_id)
-    context, context_mask = model.drop_context(
-        *text_context, drop_ids(n, weights.image_cond_drop, device, generator), "text"
-    )
+    dropped = drop_ids(n, weights.image_cond_drop, device, generator)
     timesteps = sample_timesteps(n, noise_scheduler.config.num_train_timesteps, device, generator)
     noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
     noisy, target = noise_latents(noise_scheduler, latents, noise, timesteps)
     t_image = timestep_to_t(timesteps, noise_scheduler.config.num_train_timesteps).to(device)
-    loss_image = image_loss(model(noisy, t_image, context, context_mask), target)
+    loss_image = image_task_loss(model, noisy, target, t_image, dropped, input_ids, pad_token_id, text_context)
 
     # image -> text: the clean latents are the context, dropped with p = text_cond_drop
     image_context = model.encode_image(latents)
