@@ -45,12 +45,17 @@ def image_task_loss(
     cross-attention is one constant per block. `text_context`: a frozen encoder's projected context and mask; None
     encodes `input_ids` with the joint text encoder.
     """
-    order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
     num_null = int(dropped.sum())
-    kept = order[num_null:]
-    if num_null == len(order):  # every row unconditional: the null context itself
-        context, mask = model.null_context("text", len(order))
+    if num_null in (0, len(dropped)):
+        # none or all dropped: the plain formulation, which uses the text encoder and the null context even then, so
+        # that every parameter has a gradient in every process of a DDP run (a process whose batch happened to
+        # drop no caption would otherwise leave the null context without one)
+        if text_context is None:
+            text_context = model.encode_text(input_ids, input_ids != pad_token_id)
+        context, mask = model.drop_context(*text_context, dropped, "text")
         return image_loss(model(noisy, t, context, mask), target)
+    order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
+    kept = order[num_null:]
     if text_context is None:
         context, mask = model.encode_text(input_ids[kept], input_ids[kept] != pad_token_id)
     else:
