@@ -130,8 +130,9 @@ def test_null_rows_equal_attending_to_the_null_context(tokenizer, null_length):
         null, null_mask = model.null_context(kind, 2, ctx.shape[1])
         explicit = model(sample, t, torch.cat([null, ctx]), torch.cat([null_mask, mask]))
         assert torch.allclose(model(sample, t, ctx, mask, null_rows=2), explicit, atol=1e-5)
-        precomputed = model.null_outputs(kind)  # once per sampling call; None for a longer null context
-        assert (precomputed is None) == (null_length > 1)
+        precomputed = model.null_outputs(kind)  # once per sampling call: a constant or the null K/V per block
+        per_block_shape = (1, 32) if null_length == 1 else (2, 1, 2, null_length, 16)
+        assert len(precomputed) == 2 and all(tuple(p.shape) == per_block_shape for p in precomputed)
         fast = model(sample, t, ctx, mask, null_rows=2, null_outputs=precomputed)
         assert torch.allclose(fast, explicit, atol=1e-5)
         assert not torch.allclose(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], null_rows=2), explicit, atol=1e-3)

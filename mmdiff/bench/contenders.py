@@ -59,8 +59,8 @@ def autocast_context(preset: BenchPreset, device: torch.device) -> contextlib.Ab
 
 def compile_transformer(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """`torch.compile` a transformer in place (`nn.Module.compile`): the module keeps its class, config and
-    state-dict keys, so pipelines, `save_pretrained` and checkpoints work unchanged. The same helper serves
-    sampling: `compile_transformer(pipe.transformer, True)`."""
+    state-dict keys, so pipelines, `save_pretrained` and checkpoints work unchanged (what `--compile` does for
+    `generate` / `caption` too, in `sampling.load_pipe`)."""
     if enabled:
         model.compile()
     return model

@@ -183,12 +183,18 @@ def caption_nll(
             context, context_mask = transformer.encode_image(pipe.encode_images(pixels))
         guided = images is not None and guidance_scale != 1.0
         kv = transformer.context_kv(context)
+        null_outputs = transformer.null_outputs("image") if guided else None
         for _ in range(num_levels):
             t = sample_mask_levels(n, eps, generator=generator).to(device)
             noisy, is_masked = mask_tokens(ids, t, mask_id, generator)
             if guided:  # the unconditional rows use the null image context (`null_rows`)
                 logits = transformer(
-                    torch.cat([noisy, noisy]), torch.cat([t, t]), context_mask=context_mask, context_kv=kv, null_rows=n
+                    torch.cat([noisy, noisy]),
+                    torch.cat([t, t]),
+                    context_mask=context_mask,
+                    context_kv=kv,
+                    null_rows=n,
+                    null_outputs=null_outputs,
                 )
                 uncond, cond = logits.float().chunk(2)
                 logits = classifier_free_guidance(cond, uncond, guidance_scale)

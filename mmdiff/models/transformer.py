@@ -239,16 +239,19 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         """Cross-attention keys/values of every block for a context (N, S, D); compute once per sampling call."""
         return [block.cross_attn.context_kv(context) for block in self.blocks]
 
-    def null_outputs(self, kind: str) -> list[torch.Tensor] | None:
-        """Every block's cross-attention output (1, D) for the one-token null context of `kind`; None when the null
-        context is longer (it is then attended to like any context). Constant for fixed weights: compute it once
-        per sampling call and pass it to `forward(..., null_rows=..., null_outputs=...)`."""
+    def null_outputs(self, kind: str) -> list[torch.Tensor]:
+        """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
+        sampling call and pass it to `forward(..., null_rows=..., null_outputs=...)`.
+
+        One-token null context: the block's cross-attention output (1, D), the same for every query. Longer: the
+        block's null keys and values stacked, (2, 1, H, n_null, d), which `forward` prepends to the other rows' K/V.
+        """
         if kind not in CONTEXT_KINDS:
             raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
         null = self.null_text_context if kind == "text" else self.null_image_context
-        if null.shape[0] != 1:
-            return None
-        return [block.cross_attn.single_key_output(null) for block in self.blocks]
+        if null.shape[0] == 1:
+            return [block.cross_attn.single_key_output(null) for block in self.blocks]
+        return [torch.stack(block.cross_attn.context_kv(null[None])) for block in self.blocks]
 
     # ---------------------------------------------------------------- denoising
 
@@ -321,21 +324,29 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"null_rows={null_rows} plus the context's {rows} rows must equal the batch of {batch} samples"
             )
-        null = self.null_text_context if kind == "text" else self.null_image_context
-        if null.shape[0] == 1:  # the shortcut: one constant per block
-            return context_kv, context_mask, null_outputs or self.null_outputs(kind)
-        # a longer null context: attend to it like any other context, its K/V prepended to the given rows
+        per_block = null_outputs or self.null_outputs(kind)
+        n_null = (self.null_text_context if kind == "text" else self.null_image_context).shape[0]
+        if n_null == 1:  # the shortcut: one constant per block
+            return context_kv, context_mask, per_block
+        # a longer null context: attended to like any other context, its K/V (one row, expanded) before the others
         length = context_kv[0][0].shape[2]
         if context_mask is None:
-            context_mask = torch.ones(rows, length, dtype=torch.bool, device=null.device)
-        null_context, null_mask = self.null_context(kind, null_rows, length)
-        pad = null_context.shape[1] - length
-        null_kv = self.context_kv(null_context.to(context_kv[0][0].dtype))
-        pad_kv = (lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad))) if pad else (lambda t: t)
+            context_mask = torch.ones(rows, length, dtype=torch.bool, device=context_kv[0][0].device)
+        width = max(length, n_null)
+
+        def padded(t: torch.Tensor, num: int) -> torch.Tensor:  # (R, H, num, d) -> (R, H, width, d)
+            return torch.nn.functional.pad(t, (0, 0, 0, width - num)) if width > num else t
+
         merged = [
-            (torch.cat([nk, pad_kv(k)]), torch.cat([nv, pad_kv(v)])) for (nk, nv), (k, v) in zip(null_kv, context_kv)
+            tuple(
+                torch.cat([padded(null_kv[i].expand(null_rows, -1, -1, -1), n_null), padded(kv[i], length)])
+                for i in (0, 1)
+            )
+            for null_kv, kv in zip(per_block, context_kv, strict=True)
         ]
-        mask = torch.cat([null_mask, torch.nn.functional.pad(context_mask, (0, pad), value=False)])
+        null_mask = torch.zeros(null_rows, width, dtype=torch.bool, device=context_mask.device)
+        null_mask[:, :n_null] = True
+        mask = torch.cat([null_mask, torch.nn.functional.pad(context_mask, (0, width - length), value=False)])
         return merged, mask, [None] * len(self.blocks)
 
     def _unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
