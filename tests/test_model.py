@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_model
@@ -95,6 +97,22 @@ def test_save_load_identical_outputs(tmp_path, tokenizer):
     assert torch.equal(model(latents, 0.7, ctx, mask), loaded(latents, 0.7, *loaded.encode_text(ids)))
 
 
+def test_saved_model_without_adaln_key_loads_as_per_block(tmp_path, tokenizer):
+    # models saved before adaLN-single existed have no "adaln" in config.json: they must load as the per-block
+    # layout they were trained with (all weights used, same outputs), not as the training config's new default
+    model = make_model(tokenizer, adaln="per_block")
+    model.save_pretrained(tmp_path / "transformer")
+    config_path = tmp_path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["adaln"]
+    config_path.write_text(json.dumps(config))
+    loaded = MMDiTModel.from_pretrained(tmp_path / "transformer").eval()
+    assert loaded.config.adaln == "per_block" and loaded.adaLN_single is None
+    latents, ids = torch.randn(2, 4, 8, 8), torch.randint(0, len(tokenizer), (2, 12))
+    ctx, mask = model.encode_text(ids)
+    assert torch.equal(model(latents, 0.7, ctx, mask), loaded(latents, 0.7, *loaded.encode_text(ids)))
+
+
 def test_gradient_checkpointing_gives_same_gradients(tokenizer):
     grads = []
     for checkpointing in (False, True):
@@ -138,6 +156,39 @@ def test_null_rows_equal_attending_to_the_null_context(tokenizer, null_length):
         assert not torch.allclose(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], null_rows=2), explicit, atol=1e-3)
     with pytest.raises(ValueError, match="null_rows=1 plus the context's 3 rows"):
         model(torch.randn(5, 4, 8, 8), t, text_ctx, text_mask, null_rows=1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_repeat_rows_equal_the_repeated_batch(tokenizer, grad):
+    # repeat_rows=idx: the batch is cat([sample[idx], sample]) (a CFG batch's unconditional rows repeat the latents);
+    # the first block's self-attention runs once per distinct row and must give what the repeated batch gives, with
+    # the null-row shortcut and with explicit contexts, for both tasks, with and without autograd
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    text_ctx, text_mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
+    image_ctx, image_mask = model.encode_image(torch.randn(3, 4, 8, 8))
+    idx = torch.tensor([2, 0])
+    t = torch.rand(3)
+    with torch.set_grad_enabled(grad):
+        for sample, ctx, mask in (
+            (torch.randn(3, 4, 8, 8), text_ctx, text_mask),
+            (torch.randint(0, len(tokenizer), (3, 12)), image_ctx, image_mask),
+        ):
+            full, t_full = torch.cat([sample[idx], sample]), torch.cat([t[idx], t])
+            # null rows: the repeated rows on the null context
+            explicit = model(full, t_full, ctx, mask, null_rows=2)
+            assert torch.allclose(model(sample, t, ctx, mask, null_rows=2, repeat_rows=idx), explicit, atol=1e-5)
+            # explicit contexts for every row (a negative prompt) and a scalar timestep
+            ctx5, mask5 = torch.cat([ctx[[1, 1]], ctx]), torch.cat([mask[[1, 1]], mask])
+            explicit = model(full, 0.3, ctx5, mask5)
+            assert torch.allclose(model(sample, 0.3, ctx5, mask5, repeat_rows=idx), explicit, atol=1e-5)
+            wrong = model(sample, 0.3, ctx5, mask5, repeat_rows=torch.tensor([0, 2]))
+            assert not torch.allclose(wrong, explicit, atol=1e-3)
+    with pytest.raises(ValueError, match="repeat_rows must index the 3 rows"):
+        model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, null_rows=1, repeat_rows=torch.tensor([3]))
 
 
 def test_text_context_is_trimmed_to_the_longest_caption_exactly(model, tokenizer):

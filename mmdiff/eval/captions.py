@@ -189,12 +189,13 @@ def caption_nll(
             noisy, is_masked = mask_tokens(ids, t, mask_id, generator)
             if guided:  # the unconditional rows use the null image context (`null_rows`)
                 logits = transformer(
-                    torch.cat([noisy, noisy]),
-                    torch.cat([t, t]),
+                    noisy,
+                    t,
                     context_mask=context_mask,
                     context_kv=kv,
                     null_rows=n,
                     null_outputs=null_outputs,
+                    repeat_rows=torch.arange(n, device=device),
                 )
                 uncond, cond = logits.float().chunk(2)
                 logits = classifier_free_guidance(cond, uncond, guidance_scale)

@@ -9,8 +9,13 @@ from .attention import attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation. x: (N, T, D); shift, scale: (N, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN modulation. x: (N, T, D); shift, scale: (N, D). One fused multiply-add over x."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + gate * branch with gate (N, D) per row, as one fused multiply-add."""
+    return torch.addcmul(x, gate[:, None], branch)
 
 
 class Mlp(nn.Module):
@@ -122,23 +127,35 @@ class DiTBlock(nn.Module):
         context_kv: tuple[torch.Tensor, torch.Tensor],
         context_mask: torch.Tensor | None,
         null_output: torch.Tensor | None = None,
+        repeat_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (N, T, D) noisy stream; cond: (N, D), or with adaLN-single the shared modulation (N, 6D);
         context_kv: 2 x (M, H, S, d); context_mask: (M, S) bool.
 
         With `null_output` (1, D), the first N - M rows attend to a one-token null context: they get that constant
         cross-attention output (`CrossAttention.single_key_output`) and skip the query/attention/projection work.
+
+        With `repeat_rows` (K,) long, x holds only the last N - K rows: the batch is `cat([x[repeat_rows], x])` with
+        `cond` already in that layout. The self-attention branch does not see the context, so it runs on the distinct
+        rows only and its result is repeated (the CFG pairs in the first block: same latents and timestep).
         """
         mods = self.adaLN_modulation(cond) if self.adaLN_modulation is not None else cond + self.adaLN_table.view(1, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        k = 0 if repeat_rows is None else repeat_rows.shape[0]
+        x = gated_residual(x, gate_msa[k:], self.attn(modulate(self.norm1(x), shift_msa[k:], scale_msa[k:])))
+        if repeat_rows is not None:
+            x = torch.cat([x[repeat_rows], x])
         if null_output is None:
             x = x + self.cross_attn(self.norm_cross(x), context_kv, context_mask)
         else:
             k = x.shape[0] - context_kv[0].shape[0]
             cross = self.cross_attn(self.norm_cross(x[k:]), context_kv, context_mask)
-            x = torch.cat([x[:k] + null_output, x[k:] + cross])
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            if torch.is_grad_enabled():
+                x = torch.cat([x[:k] + null_output, x[k:] + cross])
+            else:  # x is this block's own intermediate and nothing keeps it for a backward pass: add in place
+                x[:k] += null_output
+                x[k:] += cross
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):

@@ -264,6 +264,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         null_rows: int = 0,
         null_outputs: list[torch.Tensor] | None = None,
+        repeat_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -278,6 +279,10 @@ class MMDiTModel(ModelMixin, ConfigMixin):
                 rows. A one-token null context costs nothing per token: cross-attention to a single key returns its
                 value for every query, so those rows get one constant per block (exactly what attending gives).
             null_outputs: precomputed `null_outputs(kind)` for `null_rows` (compute it once per sampling call).
+            repeat_rows: (K,) indices into `sample`; the batch is then `cat([sample[repeat_rows], sample])` (and the
+                same for a per-row `timestep`), i.e. `sample` holds only the distinct rows. For a CFG batch, whose
+                unconditional rows repeat the conditional rows' latents and timestep: the embeddings and the first
+                block's self-attention, which do not see the context, run once per distinct row (exact).
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
@@ -290,6 +295,12 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
         cond = self.t_embedder(t) + self.task_embed(task)  # (N, D)
+        if repeat_rows is not None:  # from here on the batch is cat([rows repeated, sample]); x follows in block 0
+            repeat_rows = torch.as_tensor(repeat_rows, dtype=torch.long, device=x.device).reshape(-1)
+            if repeat_rows.numel() and not (0 <= int(repeat_rows.min()) and int(repeat_rows.max()) < n):
+                raise ValueError(f"repeat_rows must index the {n} rows of sample, got {repeat_rows.tolist()}")
+            cond = torch.cat([cond[repeat_rows], cond])
+            n = n + repeat_rows.numel()
         if context_kv is None:
             if context is None:
                 raise ValueError("forward needs a context or precomputed context_kv")
@@ -300,11 +311,12 @@ class MMDiTModel(ModelMixin, ConfigMixin):
                 null_rows, n, "image" if is_text else "text", context_kv, context_mask, null_outputs
             )
         block_cond = self.adaLN_single(cond) if self.adaLN_single is not None else cond
-        for block, kv, null_out in zip(self.blocks, context_kv, per_block, strict=True):
+        for i, (block, kv, null_out) in enumerate(zip(self.blocks, context_kv, per_block, strict=True)):
+            repeat = repeat_rows if i == 0 else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, block_cond, kv, context_mask, null_out)
+                x = self._gradient_checkpointing_func(block, x, block_cond, kv, context_mask, null_out, repeat)
             else:
-                x = block(x, block_cond, kv, context_mask, null_out)
+                x = block(x, block_cond, kv, context_mask, null_out, repeat)
         if is_text:
             return self.text_head(x, cond)  # (N, L, V)
         return self._unpatchify(self.image_head(x, cond), sample.shape[-2], sample.shape[-1])

@@ -125,13 +125,14 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             for i, t in enumerate(self.text_scheduler.timesteps):
                 kv = cond_kv if self.cache_context_kv else self.transformer.context_kv(context)
                 if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
-                    logits = self.transformer(
-                        torch.cat([ids, ids]),
+                    logits = self.transformer(  # rows [ids on the null image context; ids on the image]
+                        ids,
                         t,
                         context_mask=context_mask,
                         context_kv=kv,
                         null_rows=batch,
                         null_outputs=null_outputs,
+                        repeat_rows=torch.arange(batch, device=device),
                     )
                     uncond_logits, cond_logits = logits.float().chunk(2)
                     logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)

@@ -269,7 +269,6 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     or [torch.zeros(0, dtype=torch.long, device=device)]
                 )
                 cond_start = context.shape[0] - rows
-                x = torch.cat([model_input[uncond_rows], model_input]) if any(active) else model_input
                 null_rows = 0
                 if not negative_rows:  # null-context rows (if any) first, then the conditional rows
                     kv, mask, null_rows = context_kv, context_mask, len(uncond_rows)
@@ -282,10 +281,18 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     keep = torch.cat([uncond_rows, torch.arange(cond_start, context.shape[0], device=device)])
                     kv = [(k[keep], v[keep]) for k, v in context_kv]
                     mask = context_mask[keep]
+                # the unconditional rows repeat latents of the conditional ones: the transformer forms them itself
+                # and shares what comes before the first cross-attention (`repeat_rows`)
                 pred = self.transformer(
-                    x, t, context_mask=mask, context_kv=kv, null_rows=null_rows, null_outputs=null_outputs
+                    model_input,
+                    t,
+                    context_mask=mask,
+                    context_kv=kv,
+                    null_rows=null_rows,
+                    null_outputs=null_outputs,
+                    repeat_rows=uncond_rows if any(active) else None,
                 )
-                self._num_forward_rows += x.shape[0]
+                self._num_forward_rows += model_input.shape[0] + len(uncond_rows)
                 pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
                 guided, start = [], 0
                 for g, w in enumerate(guidance_scales):
