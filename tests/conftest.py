@@ -56,7 +56,7 @@ def make_model(tokenizer, **overrides) -> MMDiTModel:
         num_heads=2,
         text_encoder_depth=1,
         image_encoder_depth=1,
-        adaln="single",  # what `mmdiff train` builds by default; the shipped model covers "per_block"
+        adaln="single",  # what `mmdiff train` builds by default (and the shipped model's layout)
     )
     kwargs.update(overrides)
     return perturb(MMDiTModel(**kwargs)).eval()
