@@ -184,6 +184,7 @@ def caption_nll(
         guided = images is not None and guidance_scale != 1.0
         kv = transformer.context_kv(context)
         null_outputs = transformer.null_outputs("image") if guided else None
+        cfg_pairs = torch.arange(n, device=device)  # the null rows repeat these rows (`repeat_rows`)
         for _ in range(num_levels):
             t = sample_mask_levels(n, eps, generator=generator).to(device)
             noisy, is_masked = mask_tokens(ids, t, mask_id, generator)
@@ -195,7 +196,7 @@ def caption_nll(
                     context_kv=kv,
                     null_rows=n,
                     null_outputs=null_outputs,
-                    repeat_rows=torch.arange(n, device=device),
+                    repeat_rows=cfg_pairs,
                 )
                 uncond, cond = logits.float().chunk(2)
                 logits = classifier_free_guidance(cond, uncond, guidance_scale)

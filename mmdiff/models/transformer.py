@@ -296,9 +296,13 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
         cond = self.t_embedder(t) + self.task_embed(task)  # (N, D)
         if repeat_rows is not None:  # from here on the batch is cat([rows repeated, sample]); x follows in block 0
-            repeat_rows = torch.as_tensor(repeat_rows, dtype=torch.long, device=x.device).reshape(-1)
-            if repeat_rows.numel() and not (0 <= int(repeat_rows.min()) and int(repeat_rows.max()) < n):
-                raise ValueError(f"repeat_rows must index the {n} rows of sample, got {repeat_rows.tolist()}")
+            repeat_rows = torch.as_tensor(repeat_rows, dtype=torch.long).reshape(-1)
+            # checked on the host only: on an accelerator the check would sync every sampling step (indexing still
+            # fails there on a bad index, less readably)
+            if repeat_rows.device.type == "cpu" and repeat_rows.numel():
+                if not (0 <= int(repeat_rows.min()) and int(repeat_rows.max()) < n):
+                    raise ValueError(f"repeat_rows must index the {n} rows of sample, got {repeat_rows.tolist()}")
+            repeat_rows = repeat_rows.to(x.device)
             cond = torch.cat([cond[repeat_rows], cond])
             n = n + repeat_rows.numel()
         if context_kv is None:

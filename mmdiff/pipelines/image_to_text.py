@@ -115,6 +115,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         use_cfg = guidance_scale != 1.0 and image is not None
         cond_kv = self.transformer.context_kv(context)
         null_outputs = self.transformer.null_outputs("image") if use_cfg else None
+        cfg_pairs = torch.arange(batch, device=device)  # the null rows repeat these rows (`repeat_rows`)
 
         # 5. unmask
         self.text_scheduler.set_timesteps(num_inference_steps, device=device)
@@ -132,7 +133,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                         context_kv=kv,
                         null_rows=batch,
                         null_outputs=null_outputs,
-                        repeat_rows=torch.arange(batch, device=device),
+                        repeat_rows=cfg_pairs,
                     )
                     uncond_logits, cond_logits = logits.float().chunk(2)
                     logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)
