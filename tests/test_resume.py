@@ -171,3 +171,22 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(tiny_train_setup, referen
     cfg = load_config(None, tiny_train_overrides(tiny_train_setup, reference_run, **TRAIN))
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
         train(cfg)
+
+
+def test_resume_applies_a_changed_lr_and_schedule(tiny_train_setup, reference_run, tmp_path):
+    # continuing a finished run with a longer schedule and another peak rate (as the shipped model's second run did):
+    # the resumed steps must use the config's train.lr on the new schedule, not the checkpoint's old rate
+    import shutil
+
+    from mmdiff.config import load_config
+    from mmdiff.training.trainer import get_lr_factor, train
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    overrides = {**TRAIN, "max_steps": MAX_STEPS + 2, "lr": 3e-4, "data.num_workers": 0}
+    cfg = load_config(None, tiny_train_overrides(tiny_train_setup, run_dir, **overrides))
+    train(cfg, resume=True)
+    logged = {r["step"]: r["lr"] for r in _logged_steps(run_dir) if "lr" in r}
+    for step in (MAX_STEPS + 1, MAX_STEPS + 2):
+        want = 3e-4 * get_lr_factor(step, cfg.train.warmup_steps, MAX_STEPS + 2, "cosine", cfg.train.min_lr_ratio)
+        assert abs(logged[step] - want) < 1e-12, (step, logged[step], want)

@@ -162,6 +162,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
         else:
             lr_scheduler.load_state_dict(extra["lr_scheduler"])
             step, batches_consumed = extra["step"], extra.get("batches_consumed", extra["step"] * t.grad_accum_steps)
+            if lr_scheduler.base_lrs != [t.lr] * len(optimizer.param_groups):
+                # the saved scheduler carries the old peak rate and would silently override train.lr: apply the
+                # config's, on the (possibly also changed) schedule at the resumed step
+                accelerator.print(
+                    f"train.lr is {t.lr} (the checkpoint ran at {lr_scheduler.base_lrs[0]}): using {t.lr}"
+                )
+                lr_scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+                for group in optimizer.param_groups:
+                    group["initial_lr"] = t.lr
+            for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+                group["lr"] = base * factor(step)  # the current schedule's rate from the first resumed step on
             images_seen, nonfinite_skipped = extra.get("images_seen", 0), extra.get("nonfinite_skipped", 0)
             skips = restore_skip_counts(extra, rank, accelerator.num_processes)
             if extra.get("num_processes", 1) != accelerator.num_processes:
