@@ -169,10 +169,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     f"train.lr is {t.lr} (the checkpoint ran at {lr_scheduler.base_lrs[0]}): using {t.lr}"
                 )
                 lr_scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
-                for group in optimizer.param_groups:
+                for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
                     group["initial_lr"] = t.lr
-            for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
-                group["lr"] = base * factor(step)  # the current schedule's rate from the first resumed step on
+                    group["lr"] = t.lr * factor(step)  # already for the first resumed step
             images_seen, nonfinite_skipped = extra.get("images_seen", 0), extra.get("nonfinite_skipped", 0)
             skips = restore_skip_counts(extra, rank, accelerator.num_processes)
             if extra.get("num_processes", 1) != accelerator.num_processes:
