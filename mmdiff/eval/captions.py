@@ -74,15 +74,14 @@ def relation_direction(pipe, images: list[Image.Image], canonical: list[str], ba
     vocab = tokenizer.get_vocab()
     if not all(word in vocab for word in _OPPOSITE_WORD):
         return {"num": 0}
-    word_ids = {word: vocab[word] for word in _OPPOSITE_WORD}
+    relation_words = {vocab[word]: word for word in _OPPOSITE_WORD}  # token id -> relation word
     rows = []  # (image index, position, true id, opposite id, horizontal)
     ids_all, _ = encode_captions(tokenizer, canonical, length)
     for index, ids in enumerate(ids_all.tolist()):
-        for position, token in enumerate(ids):
-            word = next((w for w, i in word_ids.items() if i == token), None)
-            if word is not None:
-                rows.append((index, position, token, word_ids[_OPPOSITE_WORD[word]], word in ("left", "right")))
-                break
+        position = next((pos for pos, token in enumerate(ids) if token in relation_words), None)
+        if position is not None:
+            word = relation_words[ids[position]]
+            rows.append((index, position, ids[position], vocab[_OPPOSITE_WORD[word]], word in ("left", "right")))
     if not rows:
         return {"num": 0}
     margins = {"image": [], "null": []}
