@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import make_model
 
-from mmdiff.models.transformer import MMDiTModel
+from mmdiff.models.blocks import AbsorbedContext
+from mmdiff.models.transformer import MMDiTModel, select_context_rows
 from mmdiff.training.losses import drop_ids
 
 
@@ -189,6 +190,67 @@ def test_repeat_rows_equal_the_repeated_batch(tokenizer, grad):
             assert not torch.allclose(wrong, explicit, atol=1e-3)
     with pytest.raises(ValueError, match="repeat_rows must index the 3 rows"):
         model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, null_rows=1, repeat_rows=torch.tensor([3]))
+
+
+def test_absorbed_context_equals_keys_and_values(tokenizer):
+    # context_kv(..., absorb=True) folds the query/output projections and the key mask into the fixed context: the
+    # forward must equal the keys/values path for both tasks, padded keys, null rows, repeated rows and row subsets
+    model = make_model(tokenizer)  # width 32, 2 heads
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(4, len(tokenizer), (3, 12))
+    ids[0, 5:] = tokenizer.pad_token_id  # a padded row: its masked keys must get no weight
+    text_ctx, text_mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
+    image_ctx, image_mask = model.encode_image(torch.randn(3, 4, 8, 8))
+    idx, t = torch.tensor([2, 0]), torch.rand(3)
+    with torch.no_grad():
+        for sample, ctx, mask in (
+            (torch.randn(3, 4, 8, 8), text_ctx, text_mask),
+            (torch.randint(0, len(tokenizer), (3, 12)), image_ctx, image_mask),
+        ):
+            kv, absorbed = model.context_kv(ctx), model.context_kv(ctx, mask, absorb=True)
+            assert isinstance(absorbed[0], AbsorbedContext) and absorbed[0].weight.shape == (3, 32, 2 * ctx.shape[1])
+            reference = model(sample, t, context_mask=mask, context_kv=kv)
+            assert torch.allclose(model(sample, t, context_kv=absorbed), reference, atol=1e-5)
+            guided = dict(null_rows=2, repeat_rows=idx)
+            assert torch.allclose(
+                model(sample, t, context_kv=absorbed, **guided),
+                model(sample, t, context_mask=mask, context_kv=kv, **guided),
+                atol=1e-5,
+            )
+            for rows in (slice(1, None), torch.tensor([2, 0])):
+                assert torch.allclose(
+                    model(sample[rows], t[rows], context_kv=select_context_rows(absorbed, rows)),
+                    model(sample[rows], t[rows], context_mask=mask[rows], context_kv=select_context_rows(kv, rows)),
+                    atol=1e-5,
+                )
+            # the mask is folded in: without it the padded keys of the first text row would take weight
+            if not mask.all():
+                loose = model.context_kv(ctx, None, absorb=True)
+                assert not torch.allclose(model(sample, t, context_kv=loose), reference, atol=1e-4)
+    # training: the same loss and the same gradients for the projections that were folded (and the text encoder)
+    sample = torch.randn(3, 4, 8, 8)
+    grads = []
+    for absorb in (False, True):
+        model.zero_grad()
+        ctx, mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
+        model(
+            sample, t, context_mask=mask, context_kv=model.context_kv(ctx, mask, absorb=absorb)
+        ).square().sum().backward()
+        block = model.blocks[1].cross_attn
+        grads.append([p.grad.clone() for p in (block.q.weight, block.q.bias, block.kv.weight, block.proj.weight)])
+        grads[-1].append(model.token_embed.weight.grad.clone())
+    assert all(g.abs().sum() > 0 and torch.allclose(g, h, atol=1e-5) for g, h in zip(*grads, strict=True))
+    # auto: absorb when heads x context length < width (2 x 12 < 32 for this text context, 2 x 16 = 32 for the image)
+    assert isinstance(model.context_kv(text_ctx, text_mask, absorb=None)[0], AbsorbedContext)
+    assert not isinstance(model.context_kv(image_ctx, image_mask, absorb=None)[0], AbsorbedContext)
+    longer = make_model(tokenizer, null_context_length=3)
+    assert not isinstance(longer.context_kv(text_ctx, text_mask, absorb=None)[0], AbsorbedContext)
+    with pytest.raises(ValueError, match="3-token null context is attended to"):
+        longer(
+            torch.randn(5, 4, 8, 8), 0.5, context_kv=longer.context_kv(text_ctx, text_mask, absorb=True), null_rows=2
+        )
 
 
 def test_text_context_is_trimmed_to_the_longest_caption_exactly(model, tokenizer):

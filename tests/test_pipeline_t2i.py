@@ -35,7 +35,9 @@ def test_batched_cfg_with_cached_kv_equals_two_separate_forwards_recomputing_con
     steps, w = 3, 2.5
     calls = []
     original = pipe.transformer.context_kv
-    monkeypatch.setattr(pipe.transformer, "context_kv", lambda c: calls.append(c.shape) or original(c))
+    monkeypatch.setattr(
+        pipe.transformer, "context_kv", lambda c, *a, **k: calls.append(c.shape) or original(c, *a, **k)
+    )
     out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=w, output_type="latent", generator=_seed()).images
     assert len(calls) == 1  # K/V of cond and uncond computed once for the whole call
     monkeypatch.undo()

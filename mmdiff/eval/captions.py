@@ -181,7 +181,7 @@ def caption_nll(
             pixels = pipe.preprocess_images(images[start : start + batch_size])
             context, context_mask = transformer.encode_image(pipe.encode_images(pixels))
         guided = images is not None and guidance_scale != 1.0
-        kv = transformer.context_kv(context)
+        kv = transformer.context_kv(context, context_mask, absorb=None)
         null_outputs = transformer.null_outputs("image") if guided else None
         cfg_pairs = torch.arange(n, device=device)  # the null rows repeat these rows (`repeat_rows`)
         for _ in range(num_levels):

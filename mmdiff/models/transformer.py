@@ -14,11 +14,13 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 
-from .blocks import DiTBlock, EncoderBlock, FinalLayer
+from .blocks import AbsorbedContext, DiTBlock, EncoderBlock, FinalLayer
 
 TASK_IMAGE, TASK_TEXT = 0, 1
 ADALN_MODES = ("per_block", "single")
 CONTEXT_KINDS = ("text", "image")
+# one block's cross-attention cache for a fixed context (`MMDiTModel.context_kv`): keys and values, or absorbed
+ContextCache = tuple[torch.Tensor, torch.Tensor] | AbsorbedContext
 
 
 def trim_padding(sequence: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +31,16 @@ def trim_padding(sequence: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     if length == mask.shape[1]:
         return sequence, mask
     return sequence[:, :length], mask[:, :length]
+
+
+def select_context_rows(cache: list[ContextCache], rows: torch.Tensor | slice) -> list[ContextCache]:
+    """The rows `rows` (an index tensor or a slice) of a `context_kv` cache, in either of its forms."""
+    return [
+        AbsorbedContext(*(t[rows] for t in entry))
+        if isinstance(entry, AbsorbedContext)
+        else (entry[0][rows], entry[1][rows])
+        for entry in cache
+    ]
 
 
 class TimestepEmbedder(nn.Module):
@@ -235,8 +247,25 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         context = torch.where(keep[:, None, None], context, null.to(context.dtype))
         return context, torch.where(keep[:, None], mask, null_mask)
 
-    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Cross-attention keys/values of every block for a context (N, S, D); compute once per sampling call."""
+    def context_kv(
+        self, context: torch.Tensor, context_mask: torch.Tensor | None = None, absorb: bool | None = False
+    ) -> list[ContextCache]:
+        """Every block's cross-attention cache for a context (N, S, D); compute once per sampling call.
+
+        absorb=False: keys and values, 2 x (N, H, S, d) per block; `forward` then needs the context's mask.
+        absorb=True: an `AbsorbedContext` per block, the query and output projections folded into the keys and values
+        with `context_mask` (N, S) folded in (exact up to rounding; fewer FLOPs per query when heads x S < width).
+        absorb=None: absorb when that takes fewer FLOPs and the learned null contexts are one token long (a longer
+        null context is merged with the keys and values, which needs them unabsorbed).
+        """
+        if absorb is None:
+            absorb = (
+                self.config.num_heads * context.shape[1] < self.config.hidden_size
+                and self.null_text_context.shape[0] == 1
+                and self.null_image_context.shape[0] == 1
+            )
+        if absorb:
+            return [block.cross_attn.absorb(context, context_mask) for block in self.blocks]
         return [block.cross_attn.context_kv(context) for block in self.blocks]
 
     def null_outputs(self, kind: str) -> list[torch.Tensor]:
@@ -261,7 +290,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         timestep: torch.Tensor | float,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        context_kv: list[ContextCache] | None = None,
         null_rows: int = 0,
         null_outputs: list[torch.Tensor] | None = None,
         repeat_rows: torch.Tensor | None = None,
@@ -273,7 +302,8 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             timestep: noise level t in [0, 1], (N,) or a scalar.
             context: (N, S, D) cross-attention context (from `encode_text`/`encode_image`/`null_context`).
             context_mask: (N, S) bool key padding mask.
-            context_kv: precomputed `context_kv(context)`; when given, `context` is not needed.
+            context_kv: precomputed `context_kv(context, ...)` (keys/values or absorbed); when given, `context` is not
+                needed, and an absorbed cache carries its own mask.
             null_rows: the first `null_rows` rows of `sample` are conditioned on the learned null context (the
                 unconditional half of a CFG batch); `context`/`context_kv`/`context_mask` then cover only the other
                 rows. A one-token null context costs nothing per token: cross-attention to a single key returns its
@@ -308,7 +338,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         if context_kv is None:
             if context is None:
                 raise ValueError("forward needs a context or precomputed context_kv")
-            context_kv = self.context_kv(context)
+            context_kv = self.context_kv(context, context_mask, absorb=None)
         per_block: list[torch.Tensor | None] = [None] * len(self.blocks)
         if null_rows:
             context_kv, context_mask, per_block = self._with_null_rows(
@@ -330,10 +360,10 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         null_rows: int,
         batch: int,
         kind: str,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        context_kv: list[ContextCache],
         context_mask: torch.Tensor | None,
         null_outputs: list[torch.Tensor] | None,
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, list[torch.Tensor | None]]:
+    ) -> tuple[list[ContextCache], torch.Tensor | None, list[torch.Tensor | None]]:
         """K/V, mask and per-block null outputs for a batch whose first `null_rows` rows use the null context."""
         rows = context_kv[0][0].shape[0]
         if not isinstance(null_rows, int) or null_rows < 0 or null_rows + rows != batch:
@@ -344,6 +374,11 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         n_null = (self.null_text_context if kind == "text" else self.null_image_context).shape[0]
         if n_null == 1:  # the shortcut: one constant per block
             return context_kv, context_mask, per_block
+        if isinstance(context_kv[0], AbsorbedContext):
+            raise ValueError(
+                f"a {n_null}-token null context is attended to with the other rows' keys and values; build the "
+                "cache with context_kv(..., absorb=False)"
+            )
         # a longer null context: attended to like any other context, its K/V (one row, expanded) before the others
         length = context_kv[0][0].shape[2]
         if context_mask is None:

@@ -113,7 +113,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         # 4. the image context's K/V, computed once for the call; the unconditional branch is the null image
         # context, which the transformer handles itself (`null_rows`)
         use_cfg = guidance_scale != 1.0 and image is not None
-        cond_kv = self.transformer.context_kv(context)
+        cond_kv = self.transformer.context_kv(context, context_mask, absorb=None)
         null_outputs = self.transformer.null_outputs("image") if use_cfg else None
         cfg_pairs = torch.arange(batch, device=device)  # the null rows repeat these rows (`repeat_rows`)
 
@@ -124,7 +124,11 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         self._num_forward_rows = 0
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(self.text_scheduler.timesteps):
-                kv = cond_kv if self.cache_context_kv else self.transformer.context_kv(context)
+                kv = (
+                    cond_kv
+                    if self.cache_context_kv
+                    else self.transformer.context_kv(context, context_mask, absorb=None)
+                )
                 if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
                     logits = self.transformer(  # rows [ids on the null image context; ids on the image]
                         ids,

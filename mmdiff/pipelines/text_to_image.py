@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion.gaussian import timestep_to_t
 from ..diffusion.guidance import classifier_free_guidance, guidance_active
+from ..models.transformer import select_context_rows
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import MMDiffPipelineBase, check_guidance, check_guidance_interval, per_sample_generators
 
@@ -240,7 +241,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             context_mask = torch.cat([uncond_mask.repeat(s, 1), context_mask.repeat(s, 1)])
         else:
             context, context_mask = context.repeat(s, 1, 1), context_mask.repeat(s, 1)
-        context_kv = self.transformer.context_kv(context)
+        context_kv = self.transformer.context_kv(context, context_mask, absorb=None)
         null_outputs = None if negative_rows else self.transformer.null_outputs("text")
         rows = s * n  # conditional rows; the last `rows` rows of the context
 
@@ -275,11 +276,11 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                 elif all(active):  # every group guided: the cached K/V as they are
                     kv, mask = context_kv, context_mask
                 elif not any(active):  # conditional rows only: views of the cache, no copy
-                    kv = [(k[cond_start:], v[cond_start:]) for k, v in context_kv]
+                    kv = select_context_rows(context_kv, slice(cond_start, None))
                     mask = context_mask[cond_start:]
                 else:
                     keep = torch.cat([uncond_rows, torch.arange(cond_start, context.shape[0], device=device)])
-                    kv = [(k[keep], v[keep]) for k, v in context_kv]
+                    kv = select_context_rows(context_kv, keep)
                     mask = context_mask[keep]
                 # the unconditional rows repeat latents of the conditional ones: the transformer forms them itself
                 # and shares what comes before the first cross-attention (`repeat_rows`)
