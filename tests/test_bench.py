@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mmdiff.bench.run import all_finite
+from mmdiff.bench.timing import paired_ratio
 from mmdiff.cli import main
 
 
@@ -28,6 +31,10 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     sample = report["sample"]["results"]
     assert set(sample) == {"pixart", "mmdiff", "mmdiff_interval"}
     assert all(r["per_s"] > 0 for r in sample.values())
+    # every contender but the base also gets the per-round paired ratio, from its own times
+    assert "paired_ratio" not in sample["pixart"]
+    for name in ("mmdiff", "mmdiff_interval"):
+        assert sample[name]["paired_ratio"] == paired_ratio(sample["pixart"]["times_s"], sample[name]["times_s"])
 
     by_steps = report["caption"]["by_steps"]
     assert set(by_steps) == {str(k) for k in report["preset"]["caption_steps"]}
@@ -37,6 +44,20 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     assert [r["latent_size"] for r in scaling["latent"]] == report["preset"]["scaling_latent_sizes"]
     assert all(r["step_ms"] > 0 for r in scaling["latent"] + scaling["caption_length"])
     assert "mmdiff bench" in capsys.readouterr().out
+
+
+def test_paired_ratio_is_the_median_of_the_per_round_ratios():
+    # a contender 1.25x faster on a machine that drifts 3x over the run: every round says 1.25
+    drift = [1.0, 1.5, 3.0, 3.0, 2.0]
+    base = [2.5 * d for d in drift]
+    assert paired_ratio(base, [2.0 * d for d in drift]) == pytest.approx(1.25)
+    # one disturbed run of the contender moves one round's ratio, not the median
+    disturbed = [2.0 * d for d in drift]
+    disturbed[1] *= 4
+    assert paired_ratio(base, disturbed) == pytest.approx(1.25)
+    assert paired_ratio([1.0, 2.0, 9.0], [1.0, 1.0, 1.0]) == 2.0  # base/contender: > 1 when the contender is faster
+    with pytest.raises(ValueError, match="same number of rounds"):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_bench_rejects_a_cuda_preset_without_a_gpu(tmp_path, monkeypatch, capsys):

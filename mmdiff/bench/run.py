@@ -22,7 +22,7 @@ import torch
 from . import contenders as C
 from .flops import measure_peak_flops, mmdiff_train_flops, pixart_train_flops
 from .presets import PRESETS, BenchPreset, machine_info, quick
-from .timing import Contender, keep_freed_memory, peak_memory_mb, summarize, time_alternating
+from .timing import Contender, keep_freed_memory, paired_ratio, peak_memory_mb, summarize, time_alternating
 
 SECTIONS = ("train", "sample", "caption", "scaling")
 
@@ -94,7 +94,11 @@ def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models
 
 def _compare(contenders: list[Contender], preset: BenchPreset, peak_flops: float | None = None) -> dict:
     times = time_alternating(contenders, preset.repeats, preset.warmup)
-    return {c.name: summarize(c, times[c.name], peak_flops) for c in contenders}
+    results = {c.name: summarize(c, times[c.name], peak_flops) for c in contenders}
+    base = contenders[0].name  # the first contender is the one the others are compared with
+    for c in contenders[1:]:
+        results[c.name]["paired_ratio"] = paired_ratio(times[base], times[c.name])
+    return results
 
 
 def bench_train(preset: BenchPreset, tokenizer, device, autocast, peak_flops: float, compile_models: bool) -> dict:
@@ -233,15 +237,20 @@ def format_table(report: dict) -> str:
         f"cpu: {report['machine']['cpu']}"
         + (f"  gpu: {report['machine']['gpu']}" if "gpu" in report["machine"] else ""),
         f"measured matmul peak: {report['peak_flops_per_s'] / 1e12:.3f} TFLOP/s",
-        f"{'section':<9} {'contender':<22} {'rate':>12} {'median':>10} {'vs base':>8} {'peak MiB':>9} {'MFU':>6}",
+        f"{'section':<9} {'contender':<22} {'rate':>12} {'median':>10} {'vs base':>8} {'paired':>7} {'peak MiB':>9} "
+        f"{'MFU':>6}",
     ]
 
     def row(section: str, name: str, rec: dict, unit: str, base: float | None) -> str:
         ratio = f"{rec['per_s'] / base:.2f}x" if base else "1.00x"
+        paired = f"{rec['paired_ratio']:.2f}x" if "paired_ratio" in rec else "-"
         mem = f"{rec['peak_mem_mb']:.0f}" if "peak_mem_mb" in rec else "-"
         mfu = f"{100 * rec['mfu']:.1f}%" if "mfu" in rec else "-"
         rate = f"{rec['per_s']:.2f} {unit}"
-        return f"{section:<9} {name:<22} {rate:>12} {1000 * rec['median_s']:>8.1f}ms {ratio:>8} {mem:>9} {mfu:>6}"
+        return (
+            f"{section:<9} {name:<22} {rate:>12} {1000 * rec['median_s']:>8.1f}ms {ratio:>8} {paired:>7} {mem:>9} "
+            f"{mfu:>6}"
+        )
 
     if "train" in report:
         res = report["train"]["results"]

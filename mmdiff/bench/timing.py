@@ -56,6 +56,17 @@ def time_alternating(contenders: list[Contender], repeats: int, warmup: int) -> 
     return times
 
 
+def paired_ratio(base_seconds: list[float], seconds: list[float]) -> float:
+    """Median over rounds of base time / contender time within one round (how much faster the contender is).
+
+    The contenders alternate inside every round, so a slow drift of the machine hits both halves of a pair alike;
+    the ratio of the two medians (the headline) does not pair them and moves more with such noise. Reported next to
+    it as a check: when the two disagree, the run was noisy."""
+    if len(base_seconds) != len(seconds) or not seconds:
+        raise ValueError(f"paired_ratio needs the same number of rounds, got {len(base_seconds)} and {len(seconds)}")
+    return statistics.median(b / s for b, s in zip(base_seconds, seconds, strict=True))
+
+
 def summarize(contender: Contender, seconds: list[float], peak_flops: float | None) -> dict:
     """Median seconds, units per second, the spread, and achieved FLOP/s (and utilisation when the peak is known)."""
     median = statistics.median(seconds)
