@@ -26,6 +26,10 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     for record in train.values():
         assert record["per_s"] > 0 and record["peak_mem_mb"] >= 0 and record["tflops_per_s"] > 0
         assert len(record["times_s"]) == report["preset"]["repeats"]
+    # MFU divides by the best of the peak measurements taken before and after the timed sections
+    assert len(report["peak_flops_measured"]) == 2 and report["peak_flops_per_s"] == max(report["peak_flops_measured"])
+    for record in train.values():
+        assert record["mfu"] == pytest.approx(record["tflops_per_s"] * 1e12 / report["peak_flops_per_s"])
     assert set(report["train"]["ratios"]) == {"mmdiff/pixart", "mmdiff_frozen_text/pixart", "mmdiff_joint/pixart"}
 
     sample = report["sample"]["results"]

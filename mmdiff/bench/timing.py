@@ -67,8 +67,9 @@ def paired_ratio(base_seconds: list[float], seconds: list[float]) -> float:
     return statistics.median(b / s for b, s in zip(base_seconds, seconds, strict=True))
 
 
-def summarize(contender: Contender, seconds: list[float], peak_flops: float | None) -> dict:
-    """Median seconds, units per second, the spread, and achieved FLOP/s (and utilisation when the peak is known)."""
+def summarize(contender: Contender, seconds: list[float]) -> dict:
+    """Median seconds, units per second, the spread, and achieved FLOP/s when the contender's FLOPs are counted
+    (`mmdiff bench` adds the utilisation once the device's peak is measured)."""
     median = statistics.median(seconds)
     record = {
         "median_s": median,
@@ -79,8 +80,6 @@ def summarize(contender: Contender, seconds: list[float], peak_flops: float | No
     }
     if contender.flops is not None:
         record["tflops_per_s"] = contender.flops / median / 1e12
-        if peak_flops:
-            record["mfu"] = contender.flops / median / peak_flops
     return record
 
 
