@@ -192,7 +192,7 @@ def test_repeat_rows_equal_the_repeated_batch(tokenizer, grad):
         model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, null_rows=1, repeat_rows=torch.tensor([3]))
 
 
-def test_absorbed_context_equals_keys_and_values(tokenizer):
+def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
     # context_kv(..., absorb=True) folds the query/output projections and the key mask into the fixed context: the
     # forward must equal the keys/values path for both tasks, padded keys, null rows, repeated rows and row subsets
     model = make_model(tokenizer)  # width 32, 2 heads
@@ -242,6 +242,17 @@ def test_absorbed_context_equals_keys_and_values(tokenizer):
         grads.append([p.grad.clone() for p in (block.q.weight, block.q.bias, block.kv.weight, block.proj.weight)])
         grads[-1].append(model.token_embed.weight.grad.clone())
     assert all(g.abs().sum() > 0 and torch.allclose(g, h, atol=1e-5) for g, h in zip(*grads, strict=True))
+    # what pays: cached for a sampling call, heads x S < D; folded every forward, S x (D + T x heads) < T x D
+    assert model.absorb_pays(12) and not model.absorb_pays(16)
+    assert model.absorb_pays(12, query_tokens=64) and not model.absorb_pays(12, query_tokens=16)
+    folds = []
+    original = AbsorbedContext.__new__
+    monkeypatch.setattr(AbsorbedContext, "__new__", lambda cls, *a: folds.append(1) or original(cls, *a))
+    model(torch.randn(1, 4, 8, 8), 0.5, text_ctx[:1], text_mask[:1])  # 16 image tokens, a 12-token context
+    assert not folds
+    model(torch.randn(1, 4, 8, 8), 0.5, text_ctx[:1, :2], text_mask[:1, :2])  # 2 x (32 + 32) < 16 x 32
+    assert len(folds) == len(model.blocks)
+    monkeypatch.undo()
     # auto: absorb when heads x context length < width (2 x 12 < 32 for this text context, 2 x 16 = 32 for the image)
     assert isinstance(model.context_kv(text_ctx, text_mask, absorb=None)[0], AbsorbedContext)
     assert not isinstance(model.context_kv(image_ctx, image_mask, absorb=None)[0], AbsorbedContext)

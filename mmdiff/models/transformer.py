@@ -255,18 +255,29 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         absorb=False: keys and values, 2 x (N, H, S, d) per block; `forward` then needs the context's mask.
         absorb=True: an `AbsorbedContext` per block, the query and output projections folded into the keys and values
         with `context_mask` (N, S) folded in (exact up to rounding; fewer FLOPs per query when heads x S < width).
-        absorb=None: absorb when that takes fewer FLOPs and the learned null contexts are one token long (a longer
-        null context is merged with the keys and values, which needs them unabsorbed).
+        absorb=None: absorb when that takes fewer FLOPs (`absorb_pays`) and the learned null contexts are one token long
+        (a longer null context is merged with the keys and values, which needs them unabsorbed).
         """
         if absorb is None:
-            absorb = (
-                self.config.num_heads * context.shape[1] < self.config.hidden_size
-                and self.null_text_context.shape[0] == 1
-                and self.null_image_context.shape[0] == 1
-            )
+            absorb = self.absorb_pays(context.shape[1])
         if absorb:
             return [block.cross_attn.absorb(context, context_mask) for block in self.blocks]
         return [block.cross_attn.context_kv(context) for block in self.blocks]
+
+    def absorb_pays(self, context_length: int, query_tokens: int | None = None) -> bool:
+        """Whether an absorbed context (`AbsorbedContext`) takes fewer FLOPs than keys and values.
+
+        Per query token, absorbed cross-attention costs 2 x heads x S x D multiply-adds against 2 x D^2 for the query
+        and output projections. Folding costs 2 x S x D^2 per context row: nothing per step when the context is
+        cached for a sampling call (`query_tokens=None`: absorb when heads x S < D), once per forward otherwise
+        (`query_tokens=T`: absorb when S x (D + T x heads) < T x D). Never with a null context longer than one token.
+        """
+        if self.null_text_context.shape[0] != 1 or self.null_image_context.shape[0] != 1:
+            return False
+        heads, width = self.config.num_heads, self.config.hidden_size
+        if query_tokens is None:
+            return heads * context_length < width
+        return context_length * (width + query_tokens * heads) < query_tokens * width
 
     def null_outputs(self, kind: str) -> list[torch.Tensor]:
         """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
@@ -338,7 +349,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         if context_kv is None:
             if context is None:
                 raise ValueError("forward needs a context or precomputed context_kv")
-            context_kv = self.context_kv(context, context_mask, absorb=None)
+            context_kv = self.context_kv(context, context_mask, absorb=self.absorb_pays(context.shape[1], x.shape[1]))
         per_block: list[torch.Tensor | None] = [None] * len(self.blocks)
         if null_rows:
             context_kv, context_mask, per_block = self._with_null_rows(
