@@ -23,6 +23,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     caption_choice: str = "random"  # "random" phrasing from the record's json, or always the "txt" caption
+    # Captions the image -> text task learns to generate: "all" phrasings (the same caption as text -> image), or
+    # "left_first": only phrasings that name the left/upper object first (shapes captions: no "right of"/"below").
+    # Text -> image keeps every phrasing. See README, "The shipped model" (relation binding).
+    text_task_phrasings: str = "all"
     # Precomputed VAE latents of train_shards (`mmdiff data latents`). When set, the DiT trains from these shards
     # and skips the per-batch VAE encode; train_shards still feeds the tokenizer and tiny-VAE stages, val_shards stay
     # images. Their latents_meta.json must match the training VAE and image_size (checked at start).
@@ -191,6 +195,7 @@ def validate(cfg: Config) -> None:
         "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
         "model.adaln": (cfg.model.adaln, ("single", "per_block")),
         "data.caption_choice": (cfg.data.caption_choice, ("random", "txt")),
+        "data.text_task_phrasings": (cfg.data.text_task_phrasings, ("all", "left_first")),
         "train.resume": (cfg.train.resume, ("auto", "never")),
         "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),
     }

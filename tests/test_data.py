@@ -18,6 +18,7 @@ from mmdiff.data.loader import (
     SkipStats,
     expand_urls,
     iterate_records,
+    left_first_phrasings,
     make_dataloader,
     prepare_image,
     read_captions,
@@ -201,6 +202,29 @@ def test_loader_reads_shapes_shards(shapes_dir, word_tok):
         stored_pixels = torch.from_numpy(np.array(records[key][1])).permute(2, 0, 1) / 127.5 - 1
         assert torch.equal(pixels, stored_pixels)
         assert torch.equal(prepare_image(records[key][1], 32), stored_pixels)
+
+
+def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shapes_dir, word_tok):
+    # data.text_task_phrasings=left_first: the image -> text task gets a phrasing of the same scene that names the
+    # left/upper object first (no "right of"/"below"); text -> image keeps the random phrasing
+    val = str(shapes_dir[0] / "val")
+    plain = next(iter(make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0)))
+    batch = next(
+        iter(
+            make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0, text_task_phrasings="left_first")
+        )
+    )
+    assert "text_input_ids" not in plain and batch["text_input_ids"].shape == batch["input_ids"].shape
+    text_captions = decode_captions(word_tok, batch["text_input_ids"])
+    assert [parse_caption(c) for c in text_captions] == [parse_caption(c) for c in batch["captions"]]
+    assert not any(" right of " in c or " below " in c for c in text_captions)
+    assert any(" right of " in c or " below " in c for c in batch["captions"])
+    two = [c for c in text_captions if " left of " in c or " above " in c]
+    assert two and all(parse_caption(c)["relation"] in ("left of", "above") for c in two)
+    assert left_first_phrasings(["a x right of a y", "a y left of a x"]) == ["a y left of a x"]
+    assert left_first_phrasings(["a x", "there is a x"]) == ["a x", "there is a x"]
+    with pytest.raises(ValueError, match="text_task_phrasings must be one of"):
+        make_dataloader(val, word_tok, 32, 24, 30, text_task_phrasings="sorted")
 
 
 def test_loader_deterministic_for_seed(shapes_dir, word_tok):

@@ -86,6 +86,34 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer, noise_scheduler)
     assert after["loss_text"] < 0.5 * before["loss_text"]
 
 
+def test_text_task_ids_are_what_the_caption_task_learns(tokenizer, noise_scheduler):
+    # joint_losses(..., text_task_ids=other): the image -> text loss scores `other`; the text -> image loss still
+    # uses input_ids (same generator: same noise, masks and dropout)
+    from conftest import perturb
+
+    model = perturb(make_model(tokenizer))
+    latents, ids = _batch(tokenizer)
+
+    def losses(**kw):
+        return joint_losses(
+            model,
+            latents,
+            ids,
+            tokenizer.pad_token_id,
+            tokenizer.mask_token_id,
+            noise_scheduler,
+            LossWeights(),
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+
+    with torch.no_grad():
+        plain, same, other = losses(), losses(text_task_ids=ids), losses(text_task_ids=ids.flip(0))
+    assert torch.equal(plain["loss_text"], same["loss_text"]) and torch.equal(plain["loss_image"], same["loss_image"])
+    assert torch.equal(plain["loss_image"], other["loss_image"])
+    assert not torch.allclose(plain["loss_text"], other["loss_text"])
+
+
 def test_lr_schedule_and_ema():
     factors = [get_lr_factor(s, 10, 110, "cosine", 0.1) for s in range(111)]
     assert factors[0] == 0.1 and factors[9] == 1.0 and abs(factors[110] - 0.1) < 1e-9

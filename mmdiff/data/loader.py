@@ -269,6 +269,16 @@ def _record_text(record: dict[str, Any], counts: Counter[str]) -> tuple[str, dic
     return caption, attrs
 
 
+TEXT_TASK_PHRASINGS = ("all", "left_first")
+_RIGHT_OR_BELOW = re.compile(r"\b(?:right of|below)\b")
+
+
+def left_first_phrasings(phrasings: list[str]) -> list[str]:
+    """The phrasings that name the left (or upper) object first: no "right of" / "below" (all of them when every
+    phrasing has one, or none has a relation)."""
+    return [p for p in phrasings if not _RIGHT_OR_BELOW.search(p)] or phrasings
+
+
 def _phrasings(attrs: dict[str, Any] | None) -> list[str]:
     captions = attrs.get("captions") if attrs else None
     if not isinstance(captions, list):
@@ -336,6 +346,7 @@ class ShardDataset(IterableDataset):
         seed: int = 0,
         repeat: bool = True,
         caption_choice: str = "random",
+        text_task_phrasings: str = "all",
         rank: int | None = None,
         world_size: int | None = None,
         skip_batches: int = 0,
@@ -345,6 +356,9 @@ class ShardDataset(IterableDataset):
         super().__init__()
         if caption_choice not in ("random", "txt"):
             raise ValueError(f"caption_choice must be 'random' or 'txt', got {caption_choice!r}")
+        if text_task_phrasings not in TEXT_TASK_PHRASINGS:
+            raise ValueError(f"text_task_phrasings must be one of {TEXT_TASK_PHRASINGS}, got {text_task_phrasings!r}")
+        self.text_task_phrasings = text_task_phrasings
         self.urls = expand_urls(urls)
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -417,17 +431,23 @@ class ShardDataset(IterableDataset):
         phrasings = _phrasings(attrs)
         if self.caption_choice == "random" and phrasings:
             caption = rng.choice(phrasings)
-        return image, caption
+        text_caption = None
+        if self.text_task_phrasings == "left_first" and phrasings:
+            ordered = left_first_phrasings(phrasings)
+            text_caption = rng.choice(ordered) if self.caption_choice == "random" else ordered[0]
+        return image, caption, text_caption
 
     def _process(self, record: dict[str, Any], rng: random.Random, counts: Counter[str]) -> dict[str, Any] | None:
         selected = self._select(record, rng, counts)
         if selected is None:
             return None
-        image, caption = selected
+        image, caption, text_caption = selected
         ids, truncated = encode_captions(self.tokenizer, [caption], self.max_length)
         if bool(truncated[0]):
             counts["truncated"] += 1
         sample = {"input_ids": ids[0], "caption": caption, "key": record["__key__"]}
+        if text_caption is not None:
+            sample["text_input_ids"] = encode_captions(self.tokenizer, [text_caption], self.max_length)[0][0]
         if isinstance(image, dict):
             return sample | image
         return sample | {"pixel_values": image_to_tensor(resize_center_crop(image, self.image_size))}
@@ -487,6 +507,11 @@ def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
             real.append(sample)
     batch = {
         "input_ids": torch.stack([s["input_ids"] for s in real]) if real else torch.zeros(0, 0, dtype=torch.long),
+        **(
+            {"text_input_ids": torch.stack([s["text_input_ids"] for s in real])}
+            if real and "text_input_ids" in real[0]
+            else {}
+        ),
         "captions": [s["caption"] for s in real],
         "keys": [s["key"] for s in real],
         "skips": dict(skips),
@@ -511,6 +536,7 @@ def make_dataloader(
     repeat: bool = True,
     shuffle_buffer: int = 1000,
     caption_choice: str = "random",
+    text_task_phrasings: str = "all",
     drop_last: bool = True,
     skip_batches: int = 0,
     latent_shape: tuple[int, int, int] | None = None,
@@ -533,6 +559,7 @@ def make_dataloader(
         seed,
         repeat,
         caption_choice,
+        text_task_phrasings,
         skip_batches=skip_batches,
         batch_size=batch_size,
         latent_shape=latent_shape,

@@ -74,6 +74,7 @@ def joint_losses(
     weights: LossWeights,
     text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    text_task_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One step's losses for text -> image (Gaussian) and image -> text (MDLM).
 
@@ -82,6 +83,8 @@ def joint_losses(
         text_context: a frozen encoder's projected context and mask, (N, S, D) and (N, S); None uses the joint
             text encoder on `input_ids`.
         generator: makes noise, timesteps and dropout reproducible (evaluation on a fixed batch).
+        text_task_ids: (N, L) the captions the image -> text task learns to generate, when they are other phrasings
+            than `input_ids` (`data.text_task_phrasings: left_first`); None: `input_ids`.
     Returns:
         {"loss", "loss_image", "loss_text"}; "loss" is the weighted sum that is back-propagated.
     """
@@ -101,9 +104,10 @@ def joint_losses(
         *image_context, drop_ids(n, weights.text_cond_drop, device, generator), "image"
     )
     t_text = sample_mask_levels(n, weights.mask_eps, device, generator)
-    masked_ids, is_masked = mask_tokens(input_ids, t_text, mask_token_id, generator)
+    target_ids = input_ids if text_task_ids is None else text_task_ids
+    masked_ids, is_masked = mask_tokens(target_ids, t_text, mask_token_id, generator)
     logits = suppress_mask_logit(model(masked_ids, t_text, context, context_mask), mask_token_id)
-    loss_text = mdlm_loss(logits, input_ids, is_masked, t_text)
+    loss_text = mdlm_loss(logits, target_ids, is_masked, t_text)
 
     loss = weights.image * loss_image + weights.text * loss_text
     return {"loss": loss, "loss_image": loss_image.detach(), "loss_text": loss_text.detach()}
@@ -133,8 +137,10 @@ class JointObjective(torch.nn.Module):
         input_ids: torch.Tensor,
         frozen_text: tuple[torch.Tensor, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        text_task_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """frozen_text: a frozen encoder's raw hidden states (N, S, E) and mask (N, S), projected here."""
+        """frozen_text: a frozen encoder's raw hidden states (N, S, E) and mask (N, S), projected here.
+        text_task_ids: the image -> text task's captions when they differ from `input_ids` (see `joint_losses`)."""
         text_context = self.model.encode_external_text(*frozen_text) if frozen_text is not None else None
         return joint_losses(
             self.model,
@@ -146,4 +152,5 @@ class JointObjective(torch.nn.Module):
             self.weights,
             text_context=text_context,
             generator=generator,
+            text_task_ids=text_task_ids,
         )

@@ -201,6 +201,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         seed=t.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         caption_choice=cfg.data.caption_choice,
+        text_task_phrasings=cfg.data.text_task_phrasings,
         skip_batches=batches_consumed,
         latent_shape=latent_shape,
     )
@@ -218,6 +219,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     repeat=False,
                     shuffle_buffer=0,
                     caption_choice="txt",
+                    text_task_phrasings=cfg.data.text_task_phrasings,
                     drop_last=False,
                 )
             )
@@ -239,7 +241,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 )
                 enc_ids, enc_mask = enc_ids.to(accelerator.device), enc_mask.to(accelerator.device)
                 frozen_text = (encode_with_frozen_encoder(text_encoder, enc_ids, enc_mask).float(), enc_mask)
-        return objective(latents, ids, frozen_text, generator)
+        text_task_ids = batch["text_input_ids"].to(accelerator.device) if "text_input_ids" in batch else None
+        return objective(latents, ids, frozen_text, generator, text_task_ids)
 
     @torch.no_grad()
     def evaluate() -> dict:
