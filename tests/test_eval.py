@@ -26,8 +26,9 @@ from mmdiff.eval import (
     score_image,
     train_feature_classifier,
 )
-from mmdiff.eval.captions import relation_direction
+from mmdiff.eval.captions import left_first_caption, nll_references, relation_direction, trained_caption_phrasings
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
+from mmdiff.eval.run import load_pipeline
 
 # A random caption names the same normalised scene as another random one with probability sum_s p(s)^2: half the
 # scenes are one of 36 single objects, half one of 36 * 35 * 2 ordered pairs with a normalised relation, so chance
@@ -238,6 +239,44 @@ def test_evaluate_writes_a_reproducible_record(saved_pipe, tiny_val, tmp_path):
     t2i, i2t = record["text_to_image"], record["image_to_text"]
     assert 0.0 <= t2i["prompt_accuracy"] <= 1.0 and math.isfinite(t2i["fd"])
     assert math.isfinite(i2t["nll_image_bits"]) and math.isfinite(i2t["nll_null_bits"])
+    assert i2t["nll_references"] == "canonical" and "skipped" not in i2t["relation_direction"]
+
+
+def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_val, tmp_path):
+    # a captioner trained with data.text_task_phrasings=left_first (read from the folder's mmdiff_config.yaml) gets its
+    # NLL bound on the left-first phrasings of the references, and no relation-direction probe
+    from mmdiff.eval import evaluate
+
+    assert left_first_caption("a small red circle right of a large blue square") == (
+        "a large blue square left of a small red circle"
+    )
+    assert (
+        left_first_caption("a small red circle below a large blue square")
+        == "a large blue square above a small red circle"
+    )
+    for unchanged in ("a small red circle above a large blue square", "a small red circle", "two red circles"):
+        assert left_first_caption(unchanged) == unchanged
+    assert trained_caption_phrasings(saved_pipe) == "all"  # no config in the folder
+    (saved_pipe / "mmdiff_config.yaml").write_text("data:\n  text_task_phrasings: left_first\n")
+    assert trained_caption_phrasings(saved_pipe) == "left_first" and trained_caption_phrasings(object()) == "all"
+    canonical = ["a small red circle right of a large blue square", "a small red circle"]
+    assert nll_references(saved_pipe, canonical) == ([left_first_caption(canonical[0]), canonical[1]], "left_first")
+
+    _, clf = tiny_val
+    write_shapes_shards(tmp_path / "data", 24, image_size=16, seed=2, val_fraction=0.5, shard_size=12)
+    shards = str(tmp_path / "data" / "val")
+    images, _, refs = load_real_scenes(shards, 12)
+    left_first = [left_first_caption(c) for c in refs]
+    assert left_first != refs  # 4 of these 12 references say "right of" or "below"
+    result = evaluate(
+        saved_pipe, shards, num_images=2, num_captions=12, num_inference_steps=2, caption_steps=2, classifier=clf,
+        diversity_prompts=1, diversity_samples=2, nll_levels=1, batch_size=12, device="cpu",
+    )  # fmt: skip
+    i2t = result["image_to_text"]
+    assert i2t["nll_references"] == "left_first" and i2t["relation_direction"]["num"] == 0
+    pipe = load_pipeline(saved_pipe, "cpu")
+    assert i2t["nll_image_bits"] == pytest.approx(caption_nll(pipe, images, left_first, 1.0, 1, 12, 0))
+    assert i2t["nll_image_bits"] != pytest.approx(caption_nll(pipe, images, refs, 1.0, 1, 12, 0))
 
 
 def test_sweep_has_one_finite_row_per_scale_and_writes_figures(saved_pipe, tiny_val, tmp_path):

@@ -15,12 +15,16 @@ With ``guidance_scale`` w != 1 the denoiser is the CFG combination of the logits
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from mmdiff.data.shapes import parse_caption
+from mmdiff.data.shapes import INVERSE_RELATION, parse_caption
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.guidance import classifier_free_guidance
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
@@ -54,6 +58,38 @@ def caption_metrics(predicted: list[str], references: list[dict[str, Any]], cano
 
 
 _OPPOSITE_WORD = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+_CANONICAL_PAIR = re.compile(r"^a (.+?) (left of|right of|above|below) a (.+)$")
+
+
+def left_first_caption(caption: str) -> str:
+    """The phrasing of a canonical shapes caption that names the left (or upper) object first: "a A right of a B"
+    becomes "a B left of a A", "a A below a B" becomes "a B above a A"; anything else is returned as it is."""
+    m = _CANONICAL_PAIR.match(caption)
+    if m is None or m.group(2) not in ("right of", "below"):
+        return caption
+    return f"a {m.group(3)} {INVERSE_RELATION[m.group(2)]} a {m.group(1)}"
+
+
+def trained_caption_phrasings(model) -> str:
+    """`data.text_task_phrasings` a saved pipeline folder was trained with ("all" when it does not say, or for a
+    pipeline object): a left-first captioner is scored on left-first references (`left_first_caption`)."""
+    if not isinstance(model, str | os.PathLike):
+        return "all"
+    path = Path(model) / "mmdiff_config.yaml"
+    if not path.is_file():
+        return "all"
+    return str(OmegaConf.select(OmegaConf.load(path), "data.text_task_phrasings", default="all"))
+
+
+def nll_references(model, canonical: list[str]) -> tuple[list[str], str]:
+    """The reference captions the NLL bound is taken on, and their phrasing: the canonical captions, or their
+    left-first phrasings for a model trained on those (it gives "right of"/"below" phrasings little probability,
+    so their NLL would measure the phrasing, not the image)."""
+    if trained_caption_phrasings(model) == "left_first":
+        return [left_first_caption(c) for c in canonical], "left_first"
+    return list(canonical), "canonical"
 
 
 @torch.no_grad()
@@ -219,6 +255,7 @@ def caption_report(
     batch_size: int = 64,
     seed: int = 0,
     nll_guidance_scale: float | None = None,
+    relation_probe: bool = True,
 ) -> dict[str, Any]:
     """Generated-caption accuracy at `guidance_scale` plus NLL bounds (bits/token) with the image and null contexts.
 
@@ -232,6 +269,9 @@ def caption_report(
     metrics["nll_null_bits"] = caption_nll(pipe, None, captions_for_nll, 1.0, num_levels, batch_size, seed)
     metrics["guidance_scale"] = guidance_scale
     metrics["nll_guidance_scale"] = w_nll
-    metrics["relation_direction"] = relation_direction(pipe, images, canonical, batch_size)
+    if relation_probe:
+        metrics["relation_direction"] = relation_direction(pipe, images, canonical, batch_size)
+    else:  # a left-first captioner never says "right of"/"below": swapping that word asks about the phrasing
+        metrics["relation_direction"] = {"num": 0, "skipped": "the model was trained on left-first phrasings"}
     metrics["samples"] = [{"caption": t, "reference": c} for t, c in zip(texts[:20], canonical[:20])]
     return metrics

@@ -23,7 +23,7 @@ import torch
 from mmdiff.data.shapes import parse_caption
 from mmdiff.paths import EVAL_CLASSIFIER, find_repo_file
 
-from .captions import caption_report
+from .captions import caption_report, nll_references
 from .detector import ATTRIBUTES, score_image
 from .diversity import diversity_report, render_prompt
 from .features import extract_features, frechet_distance, load_feature_classifier, load_real_scenes
@@ -176,18 +176,21 @@ def evaluate(
     t2i.update(diversity_report(by_prompt, pipe.image_size, seed) if by_prompt else {})
 
     # image -> text
+    references, phrasing = nll_references(pipeline_folder, canonical[:num_captions])
     i2t = caption_report(
         pipe,
         images[:num_captions],
         scenes[:num_captions],
         canonical[:num_captions],
-        canonical[:num_captions],
+        references,
         caption_guidance_scale,
         caption_steps,
         nll_levels,
         batch_size,
         seed,
+        relation_probe=phrasing == "canonical",
     )
+    i2t["nll_references"] = phrasing
 
     result = {
         "model": model_name(pipeline_folder),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from .captions import caption_metrics, caption_nll, generate_captions
+from .captions import caption_metrics, caption_nll, generate_captions, nll_references
 from .detector import ATTRIBUTES
 from .diversity import diversity_report, mean_pairwise_distance, render_prompt
 from .features import extract_features, frechet_distance, load_real_scenes
@@ -175,12 +175,13 @@ def sweep(
 
     # image -> text
     images, scenes, canonical = load_real_scenes(val_shards, num_captions)
+    references, phrasing = nll_references(pipeline_folder, canonical)
     caption_rows = []
-    nll_null = caption_nll(pipe, None, canonical, 1.0, nll_levels, batch_size, seed)
+    nll_null = caption_nll(pipe, None, references, 1.0, nll_levels, batch_size, seed)
     for w in caption_scales:
         texts = generate_captions(pipe, images, float(w), caption_steps, batch_size, seed)
         row = {"guidance_scale": float(w)} | caption_metrics(texts, scenes, canonical)
-        row["nll_image_bits"] = caption_nll(pipe, images, canonical, float(w), nll_levels, batch_size, seed)
+        row["nll_image_bits"] = caption_nll(pipe, images, references, float(w), nll_levels, batch_size, seed)
         row["nll_null_bits"] = nll_null
         caption_rows.append(row)
 
@@ -196,6 +197,7 @@ def sweep(
         "prompts": prompts,
         "images_per_prompt": k,
         "num_captions": len(images),
+        "nll_references": phrasing,
         "num_inference_steps": num_inference_steps,
         "caption_steps": caption_steps,
         "scheduler": type(pipe.scheduler).__name__,
