@@ -204,7 +204,7 @@ def test_loader_reads_shapes_shards(shapes_dir, word_tok):
         assert torch.equal(prepare_image(records[key][1], 32), stored_pixels)
 
 
-def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shapes_dir, word_tok):
+def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shapes_dir, word_tok, tmp_path):
     # data.text_task_phrasings=left_first: the image -> text task gets a phrasing of the same scene that names the
     # left/upper object first (no "right of"/"below"); text -> image keeps the random phrasing
     val = str(shapes_dir[0] / "val")
@@ -225,6 +225,21 @@ def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shape
     assert left_first_phrasings(["a x", "there is a x"]) == ["a x", "there is a x"]
     with pytest.raises(ValueError, match="text_task_phrasings must be one of"):
         make_dataloader(val, word_tok, 32, 24, 30, text_task_phrasings="sorted")
+    # records with only a .txt caption (your own data) keep it for the text task, also in a batch with shapes records
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("one", "two"):
+        Image.new("RGB", (32, 32), (255, 0, 0)).save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text("a large red square")
+    convert_folder(src, tmp_path / "mine", shard_size=2)
+    mixed = [str(tmp_path / "mine" / "shard-000000.tar"), *expand_urls(val)]
+    loader = make_dataloader(
+        mixed, word_tok, 32, 24, 8, repeat=False, shuffle_buffer=0, text_task_phrasings="left_first"
+    )
+    batch = next(iter(loader))
+    assert batch["text_input_ids"].shape == batch["input_ids"].shape
+    plain_rows = [i for i, key in enumerate(batch["keys"]) if key in ("one", "two")]
+    assert plain_rows and all(torch.equal(batch["text_input_ids"][i], batch["input_ids"][i]) for i in plain_rows)
 
 
 def test_loader_deterministic_for_seed(shapes_dir, word_tok):

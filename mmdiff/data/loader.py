@@ -432,9 +432,11 @@ class ShardDataset(IterableDataset):
         if self.caption_choice == "random" and phrasings:
             caption = rng.choice(phrasings)
         text_caption = None
-        if self.text_task_phrasings == "left_first" and phrasings:
-            ordered = left_first_phrasings(phrasings)
-            text_caption = rng.choice(ordered) if self.caption_choice == "random" else ordered[0]
+        if self.text_task_phrasings == "left_first":  # every sample gets one, so that any batch can stack them
+            text_caption = caption
+            if phrasings:  # records without phrasings (a plain .txt caption) keep their caption
+                ordered = left_first_phrasings(phrasings)
+                text_caption = rng.choice(ordered) if self.caption_choice == "random" else ordered[0]
         return image, caption, text_caption
 
     def _process(self, record: dict[str, Any], rng: random.Random, counts: Counter[str]) -> dict[str, Any] | None:
