@@ -57,22 +57,21 @@ def test_losses_finite_at_init_and_at_chance(tokenizer, noise_scheduler):
     assert losses["loss_text"].item() > 0
 
 
+def _seeded_losses(model, tokenizer, noise_scheduler, latents, ids, weights, **kw):
+    """joint_losses on a fixed batch with the generator seeded the same every call (same noise, masks, dropout)."""
+    pad, mask = tokenizer.pad_token_id, tokenizer.mask_token_id
+    generator = torch.Generator().manual_seed(0)
+    return joint_losses(model, latents, ids, pad, mask, noise_scheduler, weights, generator=generator, **kw)
+
+
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer, noise_scheduler):
     model = make_model(tokenizer).train()
     latents, ids = _batch(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def losses():
-        return joint_losses(
-            model,
-            latents,
-            ids,
-            tokenizer.pad_token_id,
-            tokenizer.mask_token_id,
-            noise_scheduler,
-            LossWeights(image_cond_drop=0.0, text_cond_drop=0.0),
-            generator=torch.Generator().manual_seed(0),
-        )
+        weights = LossWeights(image_cond_drop=0.0, text_cond_drop=0.0)
+        return _seeded_losses(model, tokenizer, noise_scheduler, latents, ids, weights)
 
     with torch.no_grad():
         before = losses()
@@ -95,17 +94,7 @@ def test_text_task_ids_are_what_the_caption_task_learns(tokenizer, noise_schedul
     latents, ids = _batch(tokenizer)
 
     def losses(**kw):
-        return joint_losses(
-            model,
-            latents,
-            ids,
-            tokenizer.pad_token_id,
-            tokenizer.mask_token_id,
-            noise_scheduler,
-            LossWeights(),
-            generator=torch.Generator().manual_seed(0),
-            **kw,
-        )
+        return _seeded_losses(model, tokenizer, noise_scheduler, latents, ids, LossWeights(), **kw)
 
     with torch.no_grad():
         plain, same, other = losses(), losses(text_task_ids=ids), losses(text_task_ids=ids.flip(0))
