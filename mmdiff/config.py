@@ -159,6 +159,12 @@ def _explain(err: OmegaConfBaseException) -> str:
     return f"bad config at {key!r}: {err.msg.splitlines()[0] if getattr(err, 'msg', None) else err}"
 
 
+def saved_pipeline_config(folder: str | Path) -> dict[str, Any]:
+    """The training config saved with a pipeline folder (`mmdiff_config.yaml`) as a plain dict; {} without one."""
+    path = Path(folder) / "mmdiff_config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema <- YAML file <- dotlist overrides ("train.max_steps=10"), validated and resolved."""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import load_config, saved_pipeline_config
 from .paths import SHIPPED_MODEL, VAL_SAMPLE, find_repo_file
 from .sampling import save_grid
 
@@ -126,13 +126,9 @@ def run_shipped_demo(out: Path, model: str | None = None, sweep: bool = True) ->
 
 def _sample_settings(folder: Path) -> dict:
     """Sampling defaults from the `sample` section of the config saved with the pipeline (mmdiff_config.yaml)."""
-    from omegaconf import OmegaConf
-
     defaults = dict(zip(SAMPLE_KEYS, (25, 3.0, 16, 2.0)))
-    saved = folder / "mmdiff_config.yaml"
-    if saved.is_file():
-        section = OmegaConf.to_container(OmegaConf.load(saved)).get("sample") or {}
-        defaults.update({k: v for k, v in section.items() if k in defaults})
+    section = saved_pipeline_config(folder).get("sample") or {}
+    defaults.update({k: v for k, v in section.items() if k in defaults})
     return defaults
 
 

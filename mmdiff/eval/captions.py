@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from mmdiff.data.shapes import INVERSE_RELATION, parse_caption
+from mmdiff.config import saved_pipeline_config
+from mmdiff.data.shapes import parse_caption, scene_captions
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.guidance import classifier_free_guidance
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
@@ -60,16 +58,14 @@ def caption_metrics(predicted: list[str], references: list[dict[str, Any]], cano
 _OPPOSITE_WORD = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
-_CANONICAL_PAIR = re.compile(r"^a (.+?) (left of|right of|above|below) a (.+)$")
-
-
 def left_first_caption(caption: str) -> str:
-    """The phrasing of a canonical shapes caption that names the left (or upper) object first: "a A right of a B"
-    becomes "a B left of a A", "a A below a B" becomes "a B above a A"; anything else is returned as it is."""
-    m = _CANONICAL_PAIR.match(caption)
-    if m is None or m.group(2) not in ("right of", "below"):
+    """The canonical phrasing of a shapes caption's scene, which names the left (or upper) object first: "a A right
+    of a B" becomes "a B left of a A", "a A below a B" becomes "a B above a A" (the normalised scene, phrased by the
+    generator's `scene_captions`); a caption that does not parse is returned as it is."""
+    scene = parse_caption(caption)
+    if scene is None:
         return caption
-    return f"a {m.group(3)} {INVERSE_RELATION[m.group(2)]} a {m.group(1)}"
+    return scene_captions(scene["objects"], scene["relation"])[0]
 
 
 def trained_caption_phrasings(model) -> str:
@@ -77,10 +73,7 @@ def trained_caption_phrasings(model) -> str:
     pipeline object): a left-first captioner is scored on left-first references (`left_first_caption`)."""
     if not isinstance(model, str | os.PathLike):
         return "all"
-    path = Path(model) / "mmdiff_config.yaml"
-    if not path.is_file():
-        return "all"
-    return str(OmegaConf.select(OmegaConf.load(path), "data.text_task_phrasings", default="all"))
+    return str((saved_pipeline_config(model).get("data") or {}).get("text_task_phrasings", "all"))
 
 
 def nll_references(model, canonical: list[str]) -> tuple[list[str], str]:

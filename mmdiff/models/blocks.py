@@ -183,8 +183,8 @@ class DiTBlock(nn.Module):
         """
         mods = self.adaLN_modulation(cond) if self.adaLN_modulation is not None else cond + self.adaLN_table.view(1, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        k = 0 if repeat_rows is None else repeat_rows.shape[0]
-        x = gated_residual(x, gate_msa[k:], self.attn(modulate(self.norm1(x), shift_msa[k:], scale_msa[k:])))
+        r = 0 if repeat_rows is None else repeat_rows.shape[0]  # cond covers the repeated rows first
+        x = gated_residual(x, gate_msa[r:], self.attn(modulate(self.norm1(x), shift_msa[r:], scale_msa[r:])))
         if repeat_rows is not None:
             x = torch.cat([x[repeat_rows], x])
         if null_output is None:
