@@ -76,8 +76,8 @@ def test_evaluator_scores_real_rendered_images(real_scenes):
 @pytest.mark.parametrize("blur", [0.0, 0.7])
 def test_evaluator_reads_shapes_off_the_pixel_grid(real_scenes, blur):
     # Generated images place objects anywhere, not on the generator's integer grid, and with softer edges. The same
-    # scenes moved by a random sub-pixel offset (and blurred) must read the same: a bounding-box fill ratio read 41 %
-    # of small squares half a pixel off the grid as circles.
+    # scenes moved by a random sub-pixel offset (and blurred) must read the same: a bounding-box fill ratio read 41 of
+    # 96 small squares placed off the grid as circles.
     rng = random.Random(3)
     correct, squares = [], []
     for _, attrs in real_scenes:
