@@ -13,6 +13,9 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+# The values of `data.text_task_phrasings` (the loader checks them too, for direct use).
+TEXT_TASK_PHRASINGS = ("all", "left_first")
+
 
 @dataclass
 class DataConfig:
@@ -201,7 +204,7 @@ def validate(cfg: Config) -> None:
         "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
         "model.adaln": (cfg.model.adaln, ("single", "per_block")),
         "data.caption_choice": (cfg.data.caption_choice, ("random", "txt")),
-        "data.text_task_phrasings": (cfg.data.text_task_phrasings, ("all", "left_first")),
+        "data.text_task_phrasings": (cfg.data.text_task_phrasings, TEXT_TASK_PHRASINGS),
         "train.resume": (cfg.train.resume, ("auto", "never")),
         "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),
     }

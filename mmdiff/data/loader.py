@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmdiff.config import TEXT_TASK_PHRASINGS
 from mmdiff.data.latents import LATENTS_EXT, read_latent_record
 from mmdiff.data.tokenizer import encode_captions
 
@@ -269,7 +270,6 @@ def _record_text(record: dict[str, Any], counts: Counter[str]) -> tuple[str, dic
     return caption, attrs
 
 
-TEXT_TASK_PHRASINGS = ("all", "left_first")
 _RIGHT_OR_BELOW = re.compile(r"\b(?:right of|below)\b")
 
 
