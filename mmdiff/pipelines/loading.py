@@ -126,3 +126,18 @@ def load_error(path: str | os.PathLike, err: Exception) -> PipelineLoadError:
     named = [p.name for p in sorted(root.iterdir()) if p.is_dir() and str(p) in message] if root.is_dir() else []
     where = f"component {named[0]!r}" if named else f"pipeline folder {root}"
     return PipelineLoadError(f"{where} failed to load: {type(err).__name__}: {message}")
+
+
+def keep_only_pipeline_class(namespace: dict, pipeline_class: type) -> None:
+    """Make a community entry point's module hold exactly one pipeline class, `pipeline_class`.
+
+    diffusers executes every local `custom_pipeline` folder's `pipeline.py` into the same cached module
+    (`diffusers_modules.local.pipeline`), reusing its namespace. After a second entry point has run there, the module
+    still holds the class the first one imported, and diffusers refuses a module with two pipeline classes. Each
+    entry point calls this on its own `globals()` so that, whichever was loaded before, only its class is found.
+    """
+    from diffusers import DiffusionPipeline
+
+    for name, value in list(namespace.items()):
+        if isinstance(value, type) and issubclass(value, DiffusionPipeline) and value is not pipeline_class:
+            del namespace[name]
