@@ -49,6 +49,7 @@ def test_adaln_single_shares_one_linear_and_learns_per_block_offsets(tokenizer):
         for block in single.blocks:
             block.adaLN_table.normal_(std=0.1)
     single.zero_grad()
+    ctx, mask = single.null_context("text", 2)  # a fresh graph: the first backward freed the old one
     single(torch.randn(2, 4, 8, 8), 0.5, ctx, mask).square().sum().backward()
     assert single.adaLN_single[-1].weight.grad.abs().sum() > 0
     assert all(block.adaLN_table.grad.abs().sum() > 0 for block in single.blocks)
