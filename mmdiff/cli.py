@@ -96,8 +96,16 @@ def _add_sampling(sub) -> None:
     vary.add_argument("--grid", action="store_true", help="also write one grid (images x variations)")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with its errors as the one `mmdiff CMD: error: ...` line every other error gets (argparse prints
+    the whole usage first); subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmdiff", description=__doc__)
+    parser = OneLineErrorParser(prog="mmdiff", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
     train = sub.add_parser("train", help="train the shared DiT (and the tokenizer / tiny VAE stages first)")
@@ -138,7 +146,10 @@ def _add_bench(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad argument (2, its line already printed): a status, not a raise
+        return done.code if isinstance(done.code, int) else 2
     try:
         if args.cmd == "data":
             return _data(args)
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.run import bench_command
 
             return bench_command(args)
-        if args.cmd in ("eval", "sweep", "eval-classifier"):
+        if args.cmd in ("eval", "sweep", "eval-encoder", "plot"):
             from .eval.commands import run_eval_command
 
             return run_eval_command(args)
@@ -177,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_shipped_demo(Path(args.out), args.model, sweep=not args.no_sweep)
             return 0
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"mmdiff {args.cmd}: error: {err}", file=sys.stderr)
+    # OSError beyond FileNotFoundError too: an --out under a file, a folder given as a file, no permission
+    except (ValueError, OSError, TypeError) as err:
+        command = f"{args.cmd} {args.data_cmd}" if args.cmd == "data" else args.cmd  # as argparse names it
+        print(f"mmdiff {command}: error: {err}", file=sys.stderr)
         return 2
     return 1
 

@@ -6,11 +6,13 @@ An unknown key or a value of the wrong type is an error that names the key (and 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # The values of `data.text_task_phrasings` (the loader checks them too, for direct use).
@@ -109,6 +111,11 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
     log_every: int = 10
     eval_every: int = 250
+    # an `mmdiff eval-encoder` folder: every eval_every steps, also FD, CLIP score and R-precision of eval_images
+    # images generated for validation prompts (sample.guidance_scale, eval_sampling_steps) in its feature space
+    eval_encoder: str | None = None
+    eval_images: int = 256
+    eval_sampling_steps: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "never"  # auto: continue from the newest complete checkpoint in output_dir | never
@@ -153,19 +160,71 @@ def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
 
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    # some omegaconf errors carry no `msg` (merge errors), and a message may be empty: fall back to str(err)
+    detail = next(iter(str(getattr(err, "msg", None) or err).splitlines()), type(err).__name__)
     if isinstance(err, ConfigKeyError):
         near = difflib.get_close_matches(str(key), _valid_keys(Config), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return f"unknown config key {key!r}{hint}"
     if isinstance(err, ValidationError):
-        return f"wrong type for config key {key!r}: {err.msg.splitlines()[0]}"
-    return f"bad config at {key!r}: {err.msg.splitlines()[0] if getattr(err, 'msg', None) else err}"
+        return f"wrong type for config key {key!r}: {detail}"
+    return f"bad config at {key!r}: {detail}"
+
+
+def _yaml_error(source: str, err: yaml.YAMLError, position: bool = True) -> ConfigError:
+    """A YAML syntax error as one line naming the source and (for a file) the 1-based line and column."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None and position else ""
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    what = problem or context or next(iter(str(err).splitlines()), type(err).__name__)
+    if problem and context and problem.startswith("but "):  # "expected a single document ... but found another"
+        what = f"{context} {problem}"
+    return ConfigError(f"{source}: YAML syntax error{where}: {what}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The YAML file as an omegaconf node; every way a file can fail to be a config is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}): is it a YAML file?") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        # composing builds the node tree without constructing values (or expanding aliases): the top level must be a
+        # mapping before omegaconf sees it, as omegaconf asserts on a scalar document such as "0"
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
+        if top is None:
+            return OmegaConf.create({})
+        if not isinstance(top, yaml.MappingNode):
+            kind = "a list" if isinstance(top, yaml.SequenceNode) else f"the value {top.value!r}"
+            raise ConfigError(f"config file {path} must hold a mapping of sections (data:, train:, ...), got {kind}")
+        node = OmegaConf.create(text)
+    except yaml.YAMLError as err:
+        raise _yaml_error(f"config file {path}", err) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config file {path}: {_explain(err)}") from None
+    _check_sections(node, f"config file {path}")  # type: ignore[arg-type]
+    return node  # type: ignore[return-value]
+
+
+def _check_sections(node: DictConfig, source: str) -> None:
+    """A top-level section given a scalar or a list: omegaconf's merge error would not name it."""
+    raw: dict = OmegaConf.to_container(node, resolve=False)  # type: ignore[assignment]
+    for section in (f.name for f in fields(Config)):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(
+                f"{source}: config key {section!r} is a section, not a value (got {raw[section]!r}); "
+                f"set the keys inside it ({section}.<key>)"
+            )
 
 
 def saved_pipeline_config(folder: str | Path) -> dict[str, Any]:
     """The training config saved with a pipeline folder (`mmdiff_config.yaml`) as a plain dict; {} without one."""
     path = Path(folder) / "mmdiff_config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    return OmegaConf.to_container(_read_yaml(path)) if path.is_file() else {}  # type: ignore[return-value]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -173,15 +232,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = _merge(merged, _read_yaml(Path(path)), f"config file {path}")
+        for override in overrides or []:
+            merged = _merge(merged, _parse_override(override), f"override {override!r}")
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
@@ -191,6 +244,99 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_explain(err)) from None
     validate(cfg)
     return cfg
+
+
+def _merge(config: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    """`update` merged into `config`; its errors name `source` (the file, or the override)."""
+    try:
+        return OmegaConf.merge(config, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_explain(err)}") from None
+    except TypeError:  # omegaconf's plain "Cannot merge incompatible container types"
+        raise ConfigError(
+            f"{source}: gives keys to a list, or a list where keys belong (see the config schema)"
+        ) from None
+
+
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")  # section.key (a list is set whole)
+
+
+def _parse_override(override: str) -> DictConfig:
+    """One dotlist override "key=value" as a config node; a malformed one is a ConfigError quoting it."""
+    if not isinstance(override, str) or "=" not in override:
+        raise ConfigError(f"overrides must look like key=value, got {override!r}")
+    # omegaconf's own key parser fails with an IndexError on some malformed keys ("[", "a.[")
+    if not _OVERRIDE_KEY.fullmatch(override.split("=", 1)[0]):
+        raise ConfigError(
+            f"override {override!r} has no valid key before '=' (e.g. train.lr=1e-3, vae.block_out_channels=[8,16])"
+        )
+    try:
+        node = OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as err:
+        raise _yaml_error(f"override {override!r}", err, position=False) from None
+    _check_sections(node, f"override {override!r}")
+    return node
+
+
+# Allowed ranges of the numeric settings, in interval notation ("[" includes the bound, "(" excludes it). NaN lies
+# in none of them; "inf" as an upper bound means unbounded (an infinite value is refused unless the bound is "inf]").
+RANGES = {
+    "data.image_size": "[1, inf)",
+    "data.max_length": "[1, inf)",
+    "data.shuffle_buffer": "[0, inf)",
+    "data.num_workers": "[0, inf)",
+    "vae.latent_channels": "[1, inf)",
+    "vae.train_steps": "[1, inf)",
+    "vae.batch_size": "[1, inf)",
+    "vae.lr": "(0, inf)",
+    "vae.kl_weight": "[0, inf)",
+    "text_encoder.max_length": "[1, inf)",
+    "model.patch_size": "[1, inf)",
+    "model.hidden_size": "[4, inf)",
+    "model.depth": "[1, inf)",
+    "model.num_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)",
+    "model.text_encoder_depth": "[0, inf)",
+    "model.image_encoder_depth": "[0, inf)",
+    "model.null_context_length": "[1, inf)",
+    "diffusion.num_train_timesteps": "[1, inf)",
+    "diffusion.image_cond_drop": "[0, 1)",
+    "diffusion.text_cond_drop": "[0, 1)",
+    "diffusion.image_loss_weight": "[0, inf)",
+    "diffusion.text_loss_weight": "[0, inf)",
+    "diffusion.mask_eps": "(0, 1)",  # the text loss weighs each position by 1/t, t >= mask_eps
+    "train.seed": "[0, 4294967295]",  # numpy's seed range (accelerate's set_seed seeds numpy too)
+    "train.batch_size": "[1, inf)",
+    "train.max_steps": "[1, inf)",
+    "train.max_minutes": "(0, inf)",
+    "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.adam_beta1": "[0, 1)",
+    "train.adam_beta2": "[0, 1)",
+    "train.warmup_steps": "[0, inf)",
+    "train.min_lr_ratio": "[0, 1]",
+    "train.grad_clip": "(0, inf]",  # inf: no clipping
+    "train.grad_accum_steps": "[1, inf)",
+    "train.ema_decay": "[0, 1]",
+    "train.log_every": "[1, inf)",
+    "train.eval_every": "[1, inf)",
+    "train.eval_images": "[2, inf)",
+    "train.eval_sampling_steps": "[1, inf)",
+    "train.checkpoint_every": "[1, inf)",
+    "train.keep_checkpoints": "[1, inf)",  # resuming needs at least one
+    "sample.num_inference_steps": "[1, inf)",
+    "sample.guidance_scale": "[0, inf)",
+    "sample.caption_steps": "[1, inf)",
+    "sample.caption_guidance_scale": "[0, inf)",
+}
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written "[low, high)" etc. (see RANGES)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return bool(above and below)  # Python ints of any size compare with floats without overflow
 
 
 def validate(cfg: Config) -> None:
@@ -211,22 +357,32 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
-    for key, value in (
-        ("diffusion.image_cond_drop", cfg.diffusion.image_cond_drop),
-        ("diffusion.text_cond_drop", cfg.diffusion.text_cond_drop),
-    ):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key}={value} must be in [0, 1)")
+    for key, interval in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not in_interval(value, interval):
+            raise ConfigError(f"{key}={value} is out of range: it must lie in {interval}")
+    channels = cfg.vae.block_out_channels
+    if not channels or any(c < 1 for c in channels):
+        raise ConfigError(f"vae.block_out_channels={channels} must be a non-empty list of positive integers")
+    if cfg.diffusion.image_loss_weight == 0 and cfg.diffusion.text_loss_weight == 0:
+        raise ConfigError("diffusion.image_loss_weight and diffusion.text_loss_weight are both 0: nothing to train")
     if cfg.text_encoder.kind != "joint" and not cfg.text_encoder.path:
         raise ConfigError(f"text_encoder.kind={cfg.text_encoder.kind!r} needs text_encoder.path (a local folder)")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.kind='pretrained' needs tokenizer.path (a local folder)")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads")
-    for key in ("train.batch_size", "train.max_steps", "train.grad_accum_steps", "data.max_length", "data.image_size"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1")
+    if cfg.model.hidden_size % 4:  # the 2D sin-cos position embedding splits the width in four
+        raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be a multiple of 4")
+    if cfg.vae.pretrained_path is None:
+        # the tiny VAE halves the resolution once per block after the first; caught here, not after its training
+        downsampling = 2 ** (len(channels) - 1)
+        if cfg.data.image_size % (downsampling * cfg.model.patch_size):
+            raise ConfigError(
+                f"data.image_size={cfg.data.image_size} must be a multiple of {downsampling * cfg.model.patch_size}: "
+                f"the tiny VAE's downsampling {downsampling} (from vae.block_out_channels) x model.patch_size"
+            )
 
 
 def check_paths(cfg: Config) -> None:

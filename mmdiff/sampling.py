@@ -7,10 +7,21 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 
 def pick_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` when this machine has it (else a ValueError saying so); without one, cuda when available."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; give cpu, cuda, cuda:1, mps ...") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise ValueError(f"--device {device!r}: this machine has no {kind} device to run on; try --device cpu")
+    return device
 
 
 def save_grid(images: list[PIL.Image.Image], rows: int, path: Path, min_cell: int = 128) -> Path:
@@ -32,9 +43,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def load_pipe(cls, args):
     """`cls.from_pretrained(args.model)` on `args.device` in `args.dtype`, progress bar as `args.quiet` says."""
     device = pick_device(args.device)
-    # `dtype` is diffusers 0.42's spelling of `torch_dtype` (the old name still works, with a FutureWarning)
-    pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
-    pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)))
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise ValueError(f"--seed {args.seed} is out of range: it must lie in [0, 2**64 - 1]")
+    quiet = bool(getattr(args, "quiet", False))
+    was_enabled = diffusers_logging.is_progress_bar_enabled()
+    if quiet:  # diffusers' "Loading pipeline components" bar is global; restored below
+        diffusers_logging.disable_progress_bar()
+    try:
+        # `dtype` is diffusers 0.42's spelling of `torch_dtype` (the old name still works, with a FutureWarning)
+        pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
+    finally:
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=quiet)
     if getattr(args, "compile", False):
         pipe.transformer.compile()  # in place: same class, config and weights; the first call compiles
     if getattr(args, "scheduler", None):
@@ -42,6 +63,52 @@ def load_pipe(cls, args):
 
         swap_scheduler(pipe, args.scheduler)
     return pipe, torch.Generator(device).manual_seed(args.seed)
+
+
+def open_image_file(path: str | Path) -> PIL.Image.Image:
+    """An image file, decoded in full now, so that a missing, empty, non-image or truncated file is one error naming
+    the file (FileNotFoundError or ValueError) here, not a PIL traceback from inside a pipeline later."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; give image files (.png, .jpg, ...)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image file {path} is empty")
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read (a text file, or a format it does not know?)") from None
+    except Exception as err:  # PIL raises many types for damaged files: OSError, SyntaxError, EOFError, ...
+        raise ValueError(f"image file {path} is damaged: {type(err).__name__}: {err}") from None
+    return image
+
+
+def check_out(out: str | Path, folder: bool) -> None:
+    """Refuse an --out that cannot be written before any sampling: a file where a folder is wanted (or the
+    reverse), or a path under an existing file."""
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the images")
+    if not folder and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a .json or .txt file for the captions")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out}: {blocking} is a file, not a folder")
+
+
+def _read_text_file(path: str | Path, option: str) -> str:
+    """A UTF-8 text file named on the command line; a missing, non-file or binary one is one error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{option} {path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{option} {path} is not UTF-8 text (byte {err.start})") from None
 
 
 def _interval(values: list[float] | None) -> tuple[float, float] | None:
@@ -60,9 +127,13 @@ def _save_images(images: list[PIL.Image.Image], out: Path, records: list[dict]) 
 def generate_command(args) -> int:
     from .pipelines import MMDiffTextToImagePipeline
 
+    check_out(args.out, folder=True)
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        lines = _read_text_file(args.prompts_file, "--prompts-file").splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"--prompts-file {args.prompts_file} holds no prompts (one per line)")
+        prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt (use --prompt '' for unconditional samples) or --prompts-file")
     pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
@@ -103,6 +174,13 @@ def _write_captions(out: Path, records: list[dict], texts: list[str]) -> None:
 def caption_command(args) -> int:
     from .pipelines import MMDiffImageToTextPipeline, infill_caption
 
+    check_out(args.out, folder=False)
+    if args.prompt and args.template:
+        raise ValueError("give either --prompt (a fixed prefix) or --template (blanks marked with the mask token)")
+    if args.unconditional < 0 or (args.unconditional and (args.images or args.shards)):
+        raise ValueError("--unconditional N takes N >= 1 and no image files or --shards: captions from p(text) alone")
+    if args.shards and args.num < 1:
+        raise ValueError(f"--num must be >= 1 (images to caption from --shards), got {args.num}")
     images, names = [], []
     if args.shards:
         from .data.loader import expand_urls, iterate_records
@@ -112,11 +190,11 @@ def caption_command(args) -> int:
             names.append({"key": key, "reference": caption})
             if len(images) >= args.num:
                 break
+        if not images:
+            raise ValueError(f"--shards {args.shards}: no readable image-caption records in these shards")
     for path in args.images:
-        images.append(PIL.Image.open(path))
+        images.append(open_image_file(path))
         names.append({"file": str(path)})
-    if args.prompt and args.template:
-        raise ValueError("give either --prompt (a fixed prefix) or --template (blanks marked with the mask token)")
     if not images and not args.unconditional:
         raise ValueError("give image files, --shards, or --unconditional N")
     pipe, generator = load_pipe(MMDiffImageToTextPipeline, args)
@@ -154,6 +232,7 @@ def caption_command(args) -> int:
 def sample_pairs_command(args) -> int:
     from .pipelines import MMDiffTextToImagePipeline, sample_pairs
 
+    check_out(args.out, folder=True)
     pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
     pairs = sample_pairs(
         pipe,
@@ -173,12 +252,14 @@ def sample_pairs_command(args) -> int:
 def vary_command(args) -> int:
     from .pipelines import MMDiffTextToImagePipeline, vary_image
 
+    check_out(args.out, folder=True)
     if not args.images:
         raise ValueError("give at least one image file to vary")
+    images = [open_image_file(path) for path in args.images]
     pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
     result = vary_image(
         pipe,
-        [PIL.Image.open(path) for path in args.images],
+        images,
         num_variations=args.num_variations,
         caption_guidance_scale=args.caption_guidance_scale,
         image_steps=args.steps,

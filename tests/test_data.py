@@ -456,8 +456,9 @@ def test_tar_member_names_escaping_the_folder_are_refused(tmp_path):
     outside.write_bytes(good)
     (src / "link.png").symlink_to(outside)
     (src / "link.txt").write_text("a caption")
-    stats = convert_folder(src, tmp_path / "converted")
-    assert stats["written"] == 0 and stats["skipped_outside_src"] == 1
+    with pytest.raises(ValueError, match="1 image under .* none could be converted: 1 resolving outside the folder"):
+        convert_folder(src, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

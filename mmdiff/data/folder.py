@@ -38,13 +38,21 @@ def convert_folder(
     Images without a same-named ``.txt`` are skipped and counted, and so are files that resolve outside ``src``
     (a symlink pointing elsewhere), so a conversion never packs files from outside the folder it was given. Returns
     ``{"written", "skipped_no_caption", "skipped_bad_caption", "skipped_outside_src", "duplicate_keys", "shards"}``.
+
+    A folder with no images, or none that can be converted (no captions, only empty ones, ...), is a ValueError that
+    says what was found, raised before anything in ``out`` is written or removed.
     """
-    src = Path(src)
-    if not src.is_dir():
+    src, out = Path(src), Path(out)
+    if not src.exists():
         raise FileNotFoundError(f"image folder not found: {src}")
-    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in image_exts}
+    if not src.is_dir():
+        raise ValueError(f"{src} is a file, not a folder of images with .txt captions")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file; give a folder for the shards")
+    exts = list(dict.fromkeys(e.lower() if e.startswith(".") else f".{e.lower()}" for e in image_exts))
     images = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-    sink = ShardSink(out, shard_size)
+    if not images:
+        raise ValueError(f"no images ({'/'.join(exts)}) under {src}")
     stats = {
         "written": 0,
         "skipped_no_caption": 0,
@@ -54,7 +62,9 @@ def convert_folder(
     }
     root = src.resolve()
     used_keys: set[str] = set()
-    for path in tqdm(images, desc="convert", unit="img", disable=None):
+    # (image, key, caption bytes, attributes file or None): decided in full before the sink touches `out`
+    planned: list[tuple[Path, str, bytes, Path | None]] = []
+    for path in images:
         caption_path = path.with_suffix(".txt")
         json_path = path.with_suffix(".json")
         inputs = [p for p in (path, caption_path, json_path) if p.exists()]
@@ -79,10 +89,30 @@ def convert_folder(
         if key != base:
             stats["duplicate_keys"] += 1
         used_keys.add(key)
+        planned.append((path, key, caption, json_path if json_path.is_file() else None))
+    if not planned:
+        raise ValueError(_nothing_to_convert(len(images), src, stats))
+
+    sink = ShardSink(out, shard_size)
+    for path, key, caption, json_path in tqdm(planned, desc="convert", unit="img", disable=None):
         sample = {"__key__": key, path.suffix.lower().lstrip("."): path.read_bytes(), "txt": caption}
-        if json_path.is_file():
+        if json_path is not None:
             sample["json"] = json_path.read_bytes()
         sink.add(sample)
         stats["written"] += 1
     sink.flush()
     return {**stats, "shards": sink.shards}
+
+
+def _nothing_to_convert(num_images: int, src: Path, stats: dict[str, int]) -> str:
+    """Why none of the images under `src` could be converted, with the count of each reason."""
+    found = f"{num_images} image{'s' if num_images != 1 else ''} under {src}"
+    if stats["skipped_no_caption"] == num_images:
+        return f"{found} but none has a same-named .txt caption"
+    reasons = {
+        "skipped_no_caption": "without a same-named .txt caption",
+        "skipped_bad_caption": "with an empty or non-UTF-8 caption",
+        "skipped_outside_src": "resolving outside the folder (symlinks)",
+    }
+    parts = [f"{stats[k]} {why}" for k, why in reasons.items() if stats[k]]
+    return f"{found} but none could be converted: {', '.join(parts)}"

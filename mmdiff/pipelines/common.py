@@ -5,6 +5,8 @@ Both pipeline classes take the same components, so either one loads any saved mm
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import numpy as np
@@ -86,7 +88,8 @@ class MMDiffPipelineBase(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text context for text-to-image: (N, S, D) and its key mask (N, S). Empty prompts get the null context."""
+        """Text context for text-to-image: (N, S, D) and its key mask (N, S). Empty prompts (also those of pad tokens
+        only) get the null context."""
         device = self._execution_device
         if self.text_encoder is not None:
             ids, mask = tokenize_for_frozen_encoder(self.text_encoder_tokenizer, prompts, self.frozen_max_length)
@@ -98,7 +101,9 @@ class MMDiffPipelineBase(DiffusionPipeline):
             ids, _ = encode_captions(self.tokenizer, prompts, self.transformer.config.max_text_length)
             ids = ids.to(device)
             context, key_mask = self.transformer.encode_text(ids, ids != self.tokenizer.pad_token_id)
-        empty = torch.tensor([not p.strip() for p in prompts], device=device)
+        # a prompt of nothing but pad tokens ("[PAD]") leaves its row no key to attend to, and softmax over no keys is
+        # NaN: like an empty prompt, it gets the null context
+        empty = torch.tensor([not p.strip() for p in prompts], device=device) | ~key_mask.any(1)
         if empty.any():
             context, key_mask = self.transformer.drop_context(context, key_mask, empty, "text")
         return context, key_mask
@@ -132,6 +137,9 @@ def _to_pil(image: ImageInput, index: int) -> PIL.Image.Image:
     if isinstance(image, PIL.Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"image {index}: empty image of size {image.size}")
+        # a float image holding NaN or inf would be cast to arbitrary pixels without a word
+        if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+            raise ValueError(f"image {index}: a float (mode F) PIL image must be finite; it holds NaN or inf")
         return image
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3) or min(image.shape[1:]) < 1:
@@ -172,29 +180,62 @@ def _to_pil(image: ImageInput, index: int) -> PIL.Image.Image:
     raise TypeError(f"image {index}: unsupported type {type(image).__name__}; give PIL, numpy or torch")
 
 
-def check_guidance(guidance_scale: float, num_inference_steps: int) -> None:
-    """w must be finite and >= 0 (w = 1 is unguided, 0 is unconditional); steps a positive integer."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
-    if not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int | float)
-        or int(num_inference_steps) != num_inference_steps
-        or num_inference_steps < 1
-    ):
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+def is_number(value: object) -> bool:
+    """A real number (Python or numpy), not a bool: what every numeric pipeline argument accepts."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
+
+
+def check_number(name: str, value: object, low: float, high: float = math.inf, meaning: str = "") -> float:
+    """`value` as a float when it is a finite number in [low, high]; otherwise an error naming the argument."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (_finite(value) and low <= value <= high):
+        allowed = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number {allowed}{meaning}, got {value}")
+    return float(value)
+
+
+def check_steps(num_inference_steps: object, max_steps: int | None = None) -> int:
+    """A positive whole number of steps (at most `max_steps`), as an int."""
+    whole = isinstance(num_inference_steps, numbers.Integral) or (
+        is_number(num_inference_steps) and _finite(num_inference_steps) and float(num_inference_steps).is_integer()
+    )
+    if not whole or isinstance(num_inference_steps, bool | np.bool_) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if max_steps is not None and num_inference_steps > max_steps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} is more than the {max_steps} the scheduler can take"
+        )
+    return int(num_inference_steps)
+
+
+def check_guidance(guidance_scale: float, num_inference_steps: int, max_steps: int | None = None) -> int:
+    """w must be finite and >= 0 (w = 1 is unguided, 0 is unconditional); steps a positive integer, returned as int."""
+    check_number("guidance_scale", guidance_scale, 0.0, meaning=" (1 = no guidance)")
+    return check_steps(num_inference_steps, max_steps)
 
 
 def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> tuple[float, float] | None:
     """(t_low, t_high) with 0 <= t_low <= t_high <= 1, or None."""
     if guidance_interval is None:
         return None
-    values = tuple(float(v) for v in guidance_interval)
-    if len(values) != 2 or not all(np.isfinite(values)) or not 0.0 <= values[0] <= values[1] <= 1.0:
-        raise ValueError(f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {values}")
-    return values
+    if (
+        not isinstance(guidance_interval, list | tuple)
+        or len(guidance_interval) != 2
+        or not all(is_number(v) for v in guidance_interval)
+        or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0
+    ):
+        raise ValueError(
+            f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {guidance_interval!r}"
+        )
+    return float(guidance_interval[0]), float(guidance_interval[1])
 
 
 def per_sample_generators(
@@ -204,5 +245,12 @@ def per_sample_generators(
     if isinstance(generator, list | tuple):
         if len(generator) != batch:
             raise ValueError(f"{name} is a list of {len(generator)} generators for a batch of {batch}; give one each")
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError(f"{name} must be a list of torch.Generator, got {[type(g).__name__ for g in generator]}")
         return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of them, "
+            f"got {type(generator).__name__}"
+        )
     return generator

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
@@ -17,8 +16,12 @@ from .common import (
     MMDiffPipelineBase,
     check_guidance,
     check_guidance_interval,
+    check_number,
     per_sample_generators,
 )
+
+# The text scheduler's mask levels are float32 timesteps: past 2**24 steps, neighbouring levels round to one value.
+MAX_TEXT_STEPS = 2**24
 
 
 @dataclass
@@ -85,12 +88,11 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= max_len_model:
             raise ValueError(f"max_length must be an integer in [1, {max_len_model}] for this model, got {max_length}")
         num_inference_steps = max_length if num_inference_steps is None else num_inference_steps
-        check_guidance(guidance_scale, num_inference_steps)
+        num_inference_steps = check_guidance(guidance_scale, num_inference_steps, MAX_TEXT_STEPS)
         guidance_interval = check_guidance_interval(guidance_interval)
         if remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = argmax), got {temperature}")
+        temperature = check_number("temperature", temperature, 0.0, meaning=" (0 = argmax)")
         device = self._execution_device
 
         # 2. the image context, or the null context for unconditional captions
@@ -156,7 +158,13 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                     ids = (out or {}).get("token_ids", ids)
                 progress.update()
 
-        # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree
+        # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree. Guided logits
+        # that overflowed pick tokens from NaN probabilities: refuse those captions rather than return them
+        if not torch.isfinite(confidences).all():
+            raise ValueError(
+                f"sampling produced NaN or inf token probabilities: guidance_scale={guidance_scale:g} overflows the "
+                "guided logits; use a smaller one"
+            )
         ended = (ids == pad_id).long().cumsum(1) > 0
         ids = ids.masked_fill(ended, pad_id)
         text = decode_captions(self.tokenizer, ids)

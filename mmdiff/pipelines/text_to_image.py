@@ -18,9 +18,19 @@ from ..diffusion.gaussian import timestep_to_t
 from ..diffusion.guidance import classifier_free_guidance, guidance_active
 from ..models.transformer import select_context_rows
 from ..models.vae import decode_latents, vae_downsample_factor
-from .common import MMDiffPipelineBase, check_guidance, check_guidance_interval, per_sample_generators
+from .common import (
+    MMDiffPipelineBase,
+    check_guidance,
+    check_guidance_interval,
+    check_number,
+    per_sample_generators,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+NON_FINITE = (
+    "sampling produced NaN or inf values (a very large guidance_scale, or float16, overflows); "
+    "use a smaller guidance_scale or float32"
+)
 CALLBACK_TENSORS = ("latents",)
 
 
@@ -127,7 +137,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
 
         Returns `GuidanceSweepOutput` with `images[s]` for `guidance_scales[s]` (see its docstring for the layout).
         """
-        scales = [float(w) for w in guidance_scales] if not isinstance(guidance_scales, int | float) else []
+        if not isinstance(guidance_scales, Sequence | np.ndarray) or isinstance(guidance_scales, str):
+            guidance_scales = []
+        scales = [check_number("guidance_scales", w, 0.0, meaning=" (1 = no guidance)") for w in guidance_scales]
         if not scales:
             raise ValueError("guidance_scales must be a non-empty list of numbers, e.g. [1.0, 2.0, 4.0]")
         prompts, latents = self._sample(
@@ -164,9 +176,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     ) -> None:
         """Every argument error is a ValueError naming the argument and what it accepts."""
         for w in guidance_scales:
-            check_guidance(w, num_inference_steps)
-        if not np.isfinite(guidance_rescale) or not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+            check_guidance(w, num_inference_steps, self.scheduler.config.num_train_timesteps)
+        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
@@ -220,6 +231,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             callback_on_step_end_tensor_inputs,
         )
         guidance_interval = check_guidance_interval(guidance_interval)
+        num_inference_steps = int(num_inference_steps)
         device = self._execution_device
         prompts = [p for p in as_prompt_list(prompt) for _ in range(num_images_per_prompt)]
         n, s = len(prompts), len(guidance_scales)
@@ -249,8 +261,12 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         shape = (n, self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        elif not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a float tensor of shape {shape}, got {type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents must be finite: they hold NaN or inf")
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=self.transformer.dtype).repeat(s, 1, 1, 1)
         latents = latents * self.scheduler.init_noise_sigma
@@ -318,10 +334,12 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):
         """(N, C, h, w) latents -> images of `output_type`."""
+        values = latents if output_type == "latent" else decode_latents(self.vae, latents.to(self.vae.dtype))
+        if not torch.isfinite(values).all():  # would be returned, or cast to arbitrary pixels, without a word
+            raise ValueError(NON_FINITE)
         if output_type == "latent":
             return latents
-        pixels = decode_latents(self.vae, latents.to(self.vae.dtype))
-        return VaeImageProcessor(do_normalize=True).postprocess(pixels.float(), output_type=output_type)
+        return VaeImageProcessor(do_normalize=True).postprocess(values.float(), output_type=output_type)
 
     def _step_kwargs(self, generator) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
