@@ -6,7 +6,6 @@ from pathlib import Path
 
 SHIPPED_MODEL = "assets/shapes_small"
 VAL_SAMPLE = "assets/shapes_val_sample.tar"
-EVAL_CLASSIFIER = "assets/eval_classifier"
 
 
 def find_repo_file(relative: str) -> Path:

@@ -31,7 +31,7 @@ def relative_error(actual, expected) -> float:
     1e-5 is below one unit in the last place, while an element near zero in the same tensor carries the same absolute
     error as its neighbours, which an element-wise relative tolerance would reject.
     """
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    actual, expected = torch.as_tensor(actual).detach().double(), torch.as_tensor(expected).detach().double()
     assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     scale = expected.abs().max().clamp_min(1e-12)
     return float((actual - expected).abs().max() / scale)

@@ -20,18 +20,14 @@ from mmdiff.data.shapes import (
     write_shapes_shards,
 )
 from mmdiff.eval import (
-    ShapesFeatureClassifier,
     caption_metrics,
     caption_nll,
     detect_objects,
-    extract_features,
     fidelity_report,
     frechet_distance,
-    load_feature_classifier,
     load_real_scenes,
     render_prompt,
     score_image,
-    train_feature_classifier,
 )
 from mmdiff.eval.captions import left_first_caption, nll_references, relation_direction, trained_caption_phrasings
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
@@ -151,30 +147,6 @@ def test_frechet_distance_exact_cases():
     assert frechet_distance(a, 2 * a) == pytest.approx(expected, rel=1e-6)
 
 
-def test_frechet_distance_in_classifier_features_grows_with_a_shift():
-    torch.manual_seed(0)
-    model = ShapesFeatureClassifier(image_size=32).eval()  # FD properties hold for any fixed feature map
-    real_a = [im for im, _ in _scenes(128, (10,))]
-    real_b = [im for im, _ in _scenes(128, (11,))]
-    feats_a, feats_b = extract_features(model, real_a), extract_features(model, real_b)
-    # a distribution shift: the same scenes, colours inverted
-    shifted = [im.point(lambda v: 255 - v) for im in real_b]
-    fd_same = frechet_distance(feats_a, feats_b)
-    assert frechet_distance(feats_a, feats_a) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(feats_a, extract_features(model, shifted)) > 5 * fd_same
-
-
-def test_feature_classifier_trains_saves_and_reloads(tmp_path):
-    record = train_feature_classifier(tmp_path / "clf", steps=4, batch_size=16, num_rendered=64, seed=0)
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= {
-        p.name for p in (tmp_path / "clf").iterdir()
-    }
-    assert set(record["val_accuracy"]) == {"count", "colors", "shapes", "sizes", "relation"}
-    loaded = load_feature_classifier(tmp_path / "clf")
-    images = [im for im, _ in _scenes(4, (5,))]
-    assert extract_features(loaded, images).shape == (4, loaded.config.feature_dim)
-
-
 def test_layout_diversity_of_real_renders():
     prompt = "a small red circle left of a large blue square"
     renders = render_prompt(prompt, 12, 32, seed=0)
@@ -242,21 +214,23 @@ def test_relation_direction_probe_bookkeeping(pipe):
 
 @pytest.fixture(scope="module")
 def tiny_val(tmp_path_factory):
-    """16 px validation shards for the 16 px test pipeline, and an untrained 16 px feature classifier."""
+    """16 px validation shards for the 16 px test pipeline, and a briefly trained 16 px eval encoder."""
+    from mmdiff.eval.encoder import train_eval_encoder
+
     root = tmp_path_factory.mktemp("tiny_val")
     write_shapes_shards(root / "data", 8, image_size=16, seed=0, val_fraction=0.5, shard_size=4)
-    torch.manual_seed(0)
-    ShapesFeatureClassifier(image_size=16, channels=(8, 16), feature_dim=16).save_pretrained(root / "clf")
-    return str(root / "data" / "val"), root / "clf"
+    write_shapes_shards(root / "enc_data", 96, image_size=16, seed=1, val_fraction=0.4, shard_size=32)
+    train_eval_encoder(root / "enc_data" / "train", root / "enc_data" / "val", root / "enc", steps=3, batch_size=16)
+    return str(root / "data" / "val"), root / "enc"
 
 
 def test_evaluate_writes_a_reproducible_record(saved_pipe, tiny_val, tmp_path):
     from mmdiff.eval import evaluate
 
-    shards, clf = tiny_val
+    shards, encoder = tiny_val
     out = tmp_path / "eval.json"
     result = evaluate(
-        saved_pipe, shards, num_images=3, num_captions=2, num_inference_steps=2, caption_steps=2, classifier=clf,
+        saved_pipe, shards, num_images=3, num_captions=2, num_inference_steps=2, caption_steps=2, encoder=encoder,
         diversity_prompts=1, diversity_samples=2, nll_levels=1, batch_size=4, device="cpu", out=out,
     )  # fmt: skip
     record = json.loads(out.read_text())
@@ -289,14 +263,14 @@ def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_
     canonical = ["a small red circle right of a large blue square", "a small red circle"]
     assert nll_references(saved_pipe, canonical) == ([left_first_caption(canonical[0]), canonical[1]], "left_first")
 
-    _, clf = tiny_val
+    _, encoder = tiny_val
     write_shapes_shards(tmp_path / "data", 24, image_size=16, seed=2, val_fraction=0.5, shard_size=12)
     shards = str(tmp_path / "data" / "val")
     images, _, refs = load_real_scenes(shards, 12)
     left_first = [left_first_caption(c) for c in refs]
     assert left_first != refs  # 4 of these 12 references say "right of" or "below"
     result = evaluate(
-        saved_pipe, shards, num_images=2, num_captions=12, num_inference_steps=2, caption_steps=2, classifier=clf,
+        saved_pipe, shards, num_images=2, num_captions=12, num_inference_steps=2, caption_steps=2, encoder=encoder,
         diversity_prompts=1, diversity_samples=2, nll_levels=1, batch_size=12, device="cpu",
     )  # fmt: skip
     i2t = result["image_to_text"]
@@ -309,17 +283,17 @@ def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_
 def test_sweep_has_one_finite_row_per_scale_and_writes_figures(saved_pipe, tiny_val, tmp_path):
     from mmdiff.eval import sweep
 
-    shards, clf = tiny_val
+    shards, encoder = tiny_val
     out = tmp_path / "sweep"
     record = sweep(
         saved_pipe, shards, scales=[1.0, 3.0], caption_scales=[1.0, 2.0], num_prompts=2, images_per_prompt=2,
-        num_captions=2, num_inference_steps=2, caption_steps=2, guidance_interval=(0.2, 0.8), classifier=clf,
+        num_captions=2, num_inference_steps=2, caption_steps=2, guidance_interval=(0.2, 0.8), encoder=encoder,
         nll_levels=1, batch_size=8, device="cpu", out_dir=out,
     )  # fmt: skip
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [float(r["guidance_scale"]) for r in rows] == [1.0, 3.0]
     for row in rows:
-        for key in ("prompt_accuracy", "fd", "feature_diversity", "prompt_accuracy_interval", "fd_interval"):
+        for key in ("prompt_accuracy", "fd", "clip_score", "prompt_accuracy_interval", "fd_interval"):
             assert math.isfinite(float(row[key])), key
     caption_rows = list(csv.DictReader(open(out / "captions.csv")))
     assert len(caption_rows) == 2
@@ -339,4 +313,5 @@ def test_cli_parses_the_eval_commands():
     assert args.scales == [1.0, 2.0] and args.nll_levels == 4 and args.interval == [0.2, 0.8]
     args = parser.parse_args(["eval", "--model", "m", "--shards", "s", "--out", "r.json"])
     assert args.num_images == 500 and args.num_captions == 500
-    assert parser.parse_args(["eval-classifier", "--out", "d"]).steps == 1500
+    args = parser.parse_args(["eval-encoder", "--shards", "t", "--val-shards", "v", "--out", "d"])
+    assert args.shards == "t" and args.val_shards == "v" and args.image_size is None

@@ -1,47 +1,39 @@
-"""Evaluation on the built-in shapes benchmark: an exact image reader, FD features, caption metrics, sweeps.
+"""Evaluation on any image-caption data (generic metrics in local feature spaces) and the shapes benchmark.
 
 >>> from mmdiff.eval import score_image, evaluate, sweep
 >>> score_image(image, "a small red circle above a large blue square")["correct"]
 """
 
+from .benchmarks.shapes import load_real_scenes
 from .captions import caption_metrics, caption_nll, caption_report, generate_captions
 from .detector import ATTRIBUTES, compare_scenes, detect_objects, detected_scene, score_image
 from .diversity import diversity_report, layout_descriptor, mean_pairwise_distance, render_prompt
-from .features import (
-    ShapesFeatureClassifier,
-    extract_features,
-    frechet_distance,
-    load_feature_classifier,
-    load_real_scenes,
-    rendered_scenes,
-    train_feature_classifier,
-)
+from .metrics import caption_scores, clip_score, frechet_distance, kernel_inception_distance, precision_recall
 from .run import evaluate, fidelity_report, generate_images
 from .sweep import sweep
 
 __all__ = [
     "ATTRIBUTES",
-    "ShapesFeatureClassifier",
     "caption_metrics",
     "caption_nll",
+    "caption_scores",
+    "clip_score",
     "caption_report",
     "compare_scenes",
     "detect_objects",
     "detected_scene",
     "diversity_report",
     "evaluate",
-    "extract_features",
     "fidelity_report",
     "generate_captions",
     "frechet_distance",
     "generate_images",
+    "kernel_inception_distance",
     "layout_descriptor",
-    "load_feature_classifier",
     "load_real_scenes",
     "mean_pairwise_distance",
+    "precision_recall",
     "render_prompt",
-    "rendered_scenes",
     "score_image",
     "sweep",
-    "train_feature_classifier",
 ]

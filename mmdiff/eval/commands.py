@@ -1,6 +1,6 @@
-"""Command-line front ends: `mmdiff eval`, `mmdiff sweep` and `mmdiff eval-classifier`.
+"""Command-line front ends: `mmdiff eval`, `mmdiff sweep`, `mmdiff eval-encoder` and `mmdiff plot`.
 
-`add_eval_parsers(sub)` adds the three subcommands to mmdiff's parser; `run_eval_command(args)` runs one of them.
+`add_eval_parsers(sub)` adds the subcommands to mmdiff's parser; `run_eval_command(args)` runs one of them.
 """
 
 from __future__ import annotations
@@ -8,15 +8,20 @@ from __future__ import annotations
 import argparse
 import json
 
-EVAL_COMMANDS = ("eval", "sweep", "eval-classifier")
+EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved pipeline folder")
     parser.add_argument("--shards", required=True, help="validation shards (folder, glob, brace range or list)")
     parser.add_argument(
-        "--classifier", default=None, help="FD feature classifier folder (default: assets/eval_classifier)"
+        "--encoder",
+        default=None,
+        help="an `mmdiff eval-encoder` folder trained on your shards: the default feature space (on shapes: "
+        "assets/eval_encoder_shapes)",
     )
+    parser.add_argument("--clip", default=None, help="a local open_clip checkpoint (folder or file): CLIP score, FD")
+    parser.add_argument("--inception", default=None, help="local InceptionV3 weights (FID as papers report it)")
     parser.add_argument("--steps", type=int, default=50, help="image denoising steps")
     parser.add_argument("--caption-steps", type=int, default=None, help="unmasking steps (default: one per token)")
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
@@ -27,8 +32,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_parsers(sub) -> None:
-    """Add `eval`, `sweep` and `eval-classifier` to an argparse subparsers object."""
-    ev = sub.add_parser("eval", help="score a pipeline on the shapes benchmark (both directions) -> JSON")
+    """Add `eval`, `sweep`, `eval-encoder` and `plot` to an argparse subparsers object."""
+    ev = sub.add_parser("eval", help="score a pipeline on any image-caption shards (both directions) -> JSON")
     _add_common(ev)
     ev.add_argument("--num-images", type=int, default=500)
     ev.add_argument("--num-captions", type=int, default=500)
@@ -52,40 +57,25 @@ def add_eval_parsers(sub) -> None:
     sw.add_argument("--out", default="outputs/sweep")
     sw.set_defaults(nll_levels=4)
 
-    cls = sub.add_parser("eval-classifier", help="train the small CNN whose features define the FD")
-    cls.add_argument("--shards", default=None, help="training shards (default: freshly rendered scenes)")
-    cls.add_argument("--val-shards", default=None)
-    cls.add_argument("--out", required=True, help="folder for config.json + safetensors + training.json")
-    cls.add_argument("--steps", type=int, default=1500)
-    cls.add_argument("--batch-size", type=int, default=128)
-    cls.add_argument("--lr", type=float, default=2e-3)
-    cls.add_argument("--image-size", type=int, default=32)
-    cls.add_argument("--max-images", type=int, default=None)
-    cls.add_argument("--num-rendered", type=int, default=4000, help="scenes to render when no --shards")
-    cls.add_argument("--seed", type=int, default=0)
-    cls.add_argument("--device", default=None)
+    from .encoder import add_eval_encoder_parser
+
+    add_eval_encoder_parser(sub)
+    plot = sub.add_parser("plot", help="a training run's losses and in-training evaluation against the step")
+    plot.add_argument("run_dir", help="a `mmdiff train` output folder (holds metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/training_plot.png)")
 
 
 def run_eval_command(args) -> int:
     """Dispatch one of EVAL_COMMANDS; prints a short summary and returns the exit status."""
-    if args.cmd == "eval-classifier":
-        from .features import train_feature_classifier
+    if args.cmd == "plot":
+        from .training_plot import plot_run
 
-        record = train_feature_classifier(
-            args.out,
-            args.shards,
-            args.val_shards,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            image_size=args.image_size,
-            max_images=args.max_images,
-            num_rendered=args.num_rendered,
-            seed=args.seed,
-            device=args.device,
-        )
-        print(json.dumps(record, indent=1))
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
         return 0
+    if args.cmd == "eval-encoder":
+        from .encoder import eval_encoder_command
+
+        return eval_encoder_command(args)
     if args.cmd == "eval":
         from .run import evaluate
 
@@ -101,7 +91,9 @@ def run_eval_command(args) -> int:
             guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
             seed=args.seed,
             batch_size=args.batch_size,
-            classifier=args.classifier,
+            encoder=args.encoder,
+            clip=args.clip,
+            inception=args.inception,
             diversity_prompts=args.diversity_prompts,
             diversity_samples=args.diversity_samples,
             nll_levels=args.nll_levels,
@@ -110,16 +102,15 @@ def run_eval_command(args) -> int:
             out=args.out,
         )
         t2i, i2t = result["text_to_image"], result["image_to_text"]
-        summary = {
-            "prompt_accuracy": t2i["prompt_accuracy"],
-            "fd": t2i["fd"],
-            "diversity_ratio": t2i.get("diversity_ratio"),
-            "caption_all_attributes": i2t["all"],
-            "caption_exact_match": i2t["exact_match"],
-            "nll_image_bits": i2t["nll_image_bits"],
-            "nll_null_bits": i2t["nll_null_bits"],
-        }
+        summary = {"feature_space": t2i.get("feature_space")}
+        summary |= {f"t2i_{k}": t2i.get(k) for k in ("fd", "fd_real_floor", "kid", "precision", "recall")}
+        summary |= {f"t2i_{k}": t2i.get(k) for k in ("clip_score", "r_precision", "prompt_accuracy")}
+        summary |= {f"i2t_{k}": i2t.get(k) for k in ("bleu4", "cider_d", "rouge_l", "clip_score", "all")}
+        summary |= {f"i2t_{k}": i2t.get(k) for k in ("nll_image_bits", "nll_null_bits")}
+        summary = {k: v for k, v in summary.items() if v is not None}
         print(json.dumps(summary, indent=1))
+        for note in result["notes"]:
+            print(f"note: {note}")
         print(f"wrote {args.out}")
         return 0
     from .sweep import sweep
@@ -137,7 +128,9 @@ def run_eval_command(args) -> int:
         guidance_interval=None if args.no_interval else tuple(args.interval),
         seed=args.seed,
         batch_size=args.batch_size,
-        classifier=args.classifier,
+        encoder=args.encoder,
+        clip=args.clip,
+        inception=args.inception,
         nll_levels=args.nll_levels,
         grid_samples=args.grid_samples,
         scheduler=args.scheduler,
@@ -145,6 +138,9 @@ def run_eval_command(args) -> int:
         out_dir=args.out,
     )
     for row in record["text_to_image"]:
-        print(f"w={row['guidance_scale']:g}: prompt accuracy {row['prompt_accuracy']:.3f}, fd {row['fd']:.3f}")
+        figures = [f"{k} {row[k]:.4g}" for k in ("fd", "clip_score", "r_precision", "prompt_accuracy") if k in row]
+        print(f"w={row['guidance_scale']:g}: " + ", ".join(figures))
+    for note in record["notes"]:
+        print(f"note: {note}")
     print(f"wrote {args.out}/{{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}}")
     return 0

@@ -58,6 +58,14 @@ def _series(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=np.float64)
 
 
+def _line(ax, x: np.ndarray, rows: list[dict[str, Any]], key: str, label: str, style: str = "o-") -> bool:
+    y = _series(rows, key)
+    if not np.isfinite(y).any():
+        return False
+    ax.plot(x, y, style, label=label)
+    return True
+
+
 def plot_sweep(
     t2i_rows: list[dict[str, Any]],
     caption_rows: list[dict[str, Any]],
@@ -65,48 +73,74 @@ def plot_sweep(
     has_interval: bool = False,
     timing: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Top: prompt accuracy, FD and diversity (generated vs real) against w; bottom: caption accuracy and NLL
-    against the caption guidance scale, and the sweep's wall time with CFG everywhere / in the interval.
-    Interval-on curves are dashed."""
-    fig = Figure(figsize=(12, 7), dpi=100)
-    axes = fig.subplots(2, 3)
+    """The figure people pick a scale from. Top left: the trade-off curve, FD against CLIP score with each point
+    labelled by w (low FD and high CLIP score is better; guidance moves along the curve). Next to it the per-scale
+    curves: FD, CLIP score and R-precision, precision and recall; the dataset benchmark's exact score where there is
+    one. Bottom: caption scores and the caption NLL bound against the caption guidance scale, and the wall time with
+    CFG everywhere / in the interval. Interval-on curves are dashed."""
+    fig = Figure(figsize=(16, 7), dpi=100)
+    axes = fig.subplots(2, 4)
     w = _series(t2i_rows, "guidance_scale")
+    runs = [("", "o-", "CFG everywhere")] + ([("_interval", "s--", "CFG in interval")] if has_interval else [])
+
+    trade = axes[0][0]
+    for suffix, style, label in runs:
+        fd, cs = _series(t2i_rows, f"fd{suffix}"), _series(t2i_rows, f"clip_score{suffix}")
+        if np.isfinite(fd).any() and np.isfinite(cs).any():
+            trade.plot(fd, cs, style, label=label)
+            for x, y, scale in zip(fd, cs, w, strict=True):
+                if np.isfinite(x) and np.isfinite(y):
+                    trade.annotate(f"{scale:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    trade.set_xlabel("FD (lower is better)")
+    trade.set_ylabel("CLIP score (higher is better)")
+    trade.set_title("trade-off over w (labels: w)", fontsize=10)
+
     panels = [
-        (axes[0][0], "prompt_accuracy", "text→image prompt accuracy"),
-        (axes[0][1], "fd", "Fréchet distance (features)"),
-        (axes[0][2], "diversity", "layout diversity (canvas units)"),
+        (axes[0][1], [("fd", "FD")], "Fréchet distance"),
+        (axes[0][2], [("clip_score", "CLIP score")], "CLIP score (image, prompt)"),
+        (
+            axes[0][3],
+            [("r_precision", "R-precision"), ("precision", "precision"), ("recall", "recall")],
+            "retrieval, precision / recall",
+        ),
     ]
-    for ax, key, title in panels:
-        ax.plot(w, _series(t2i_rows, key), "o-", label="CFG everywhere")
-        if has_interval:
-            ax.plot(w, _series(t2i_rows, f"{key}_interval"), "s--", label="CFG in interval")
+    bench = "prompt_accuracy" if np.isfinite(_series(t2i_rows, "prompt_accuracy")).any() else None
+    panels.append(
+        (
+            axes[1][0],
+            [("prompt_accuracy", "prompt accuracy"), ("diversity_ratio", "layout diversity / real")],
+            "benchmark",
+        )
+        if bench
+        else (axes[1][0], [("kid", "KID")], "kernel inception distance")
+    )
+    for ax, keys, title in panels:
+        for key, label in keys:
+            for suffix, style, run_label in runs:
+                name = f"{label} ({run_label})" if has_interval else label
+                _line(ax, w, t2i_rows, f"{key}{suffix}", name, style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("guidance scale w")
-    real = _series(t2i_rows, "diversity_real")
-    if np.isfinite(real).any():
-        axes[0][2].axhline(float(np.nanmean(real)), color="gray", linestyle=":", label="real data")
-    for ax, _key, _title in panels:
-        ax.legend(fontsize=7)
-
     wc = _series(caption_rows, "guidance_scale")
-    acc = axes[1][0]
-    for key, label in (("all", "all attributes"), ("exact_match", "exact match"), ("relation", "relation")):
-        acc.plot(wc, _series(caption_rows, key), "o-", label=label)
-    acc.set_title("image→text caption accuracy", fontsize=10)
-    acc.legend(fontsize=7)
-    nll = axes[1][1]
-    nll.plot(wc, _series(caption_rows, "nll_image_bits"), "o-", label="image context (guided logits)")
-    nll.plot(wc, _series(caption_rows, "nll_null_bits"), ":", color="gray", label="null context")
+    scores = axes[1][1]
+    for key, label in (("cider_d", "CIDEr-D"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"), ("all", "all attributes")):
+        _line(scores, wc, caption_rows, key, label)
+    scores.set_title("image→text caption scores", fontsize=10)
+    nll = axes[1][2]
+    _line(nll, wc, caption_rows, "nll_image_bits", "image context (guided logits)")
+    _line(nll, wc, caption_rows, "nll_null_bits", "null context", ":")
     nll.set_title("caption NLL bound (bits / token)", fontsize=10)
-    nll.legend(fontsize=7)
-    for ax in (acc, nll):
+    for ax in (scores, nll):
         ax.set_xlabel("caption guidance scale w")
     if timing:
         names = list(timing)
-        axes[1][2].bar(names, [timing[n]["seconds"] for n in names], color=["tab:blue", "tab:orange"][: len(names)])
-        axes[1][2].set_title("text→image sweep wall time (s), interval off / on", fontsize=10)
+        axes[1][3].bar(names, [timing[n]["seconds"] for n in names], color=["tab:blue", "tab:orange"][: len(names)])
+        axes[1][3].set_title("text→image sweep wall time (s), interval off / on", fontsize=10)
     else:
-        axes[1][2].axis("off")
+        axes[1][3].axis("off")
+    for ax in axes.ravel():
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

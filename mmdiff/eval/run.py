@@ -1,9 +1,11 @@
-"""`mmdiff eval`: the shapes benchmark for one saved pipeline, both directions, written as one reproducible JSON.
+"""`mmdiff eval`: one saved pipeline on any image-caption shards, both directions, as one reproducible JSON.
 
-Text to image: one image per validation caption (its canonical phrasing), image i drawn with generator seed
-``seed + i``; prompt accuracy and per-attribute accuracy from the exact detector; FD against the real validation
-images of the same captions in the feature classifier's space; layout diversity on a few prompts.
-Image to text: captions for held-out validation images scored by attributes and exact match; NLL bounds.
+Text to image: one image per validation record (its prompt: the canonical caption where the record has one, else its
+caption), image i drawn with generator seed ``seed + i``; the generic metrics (FD, KID, precision/recall against the
+real images of the same records, CLIP score, R-precision) in every feature space given; the benchmark's exact
+scores when the shards belong to one (shapes: prompt accuracy, layout diversity).
+Image to text: captions of the records' images, scored against every reference caption (BLEU-4, CIDEr-D, ROUGE-L),
+by CLIP score, by the benchmark when there is one; the NLL bounds with the image and with the null context.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import numpy as np
 import PIL.Image
 import torch
 
-from mmdiff.data.shapes import parse_caption
-from mmdiff.paths import EVAL_CLASSIFIER, find_repo_file
-
-from .captions import caption_report, nll_references
-from .detector import ATTRIBUTES, score_image
-from .diversity import diversity_report, render_prompt
-from .features import extract_features, frechet_distance, load_feature_classifier, load_real_scenes
+from .benchmarks import find_benchmark
+from .captions import caption_nll, generate_captions
+from .encoders import check_encoders_fit, resolve_encoders
+from .generic import (
+    R_PRECISION_R,
+    caption_space_metrics,
+    generic_caption_metrics,
+    image_space_metrics,
+    spaces_report,
+)
+from .records import EvalRecords, load_eval_records, require_records
 
 
 def load_pipeline(model, device: str | None = None, scheduler: str | None = None):
@@ -74,46 +80,10 @@ def generate_images(
 
 
 def fidelity_report(images: list[PIL.Image.Image], prompts: list[str]) -> dict[str, Any]:
-    """Prompt accuracy (every attribute and relation right, nothing extra) and per-attribute accuracy of N images,
-    overall and split by the number of objects the prompt asks for."""
-    scores = [score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    n = max(len(scores), 1)
-    report: dict[str, Any] = {"prompt_accuracy": sum(s["correct"] for s in scores) / n, "num": len(scores)}
-    report.update({k: sum(s[k] for s in scores) / n for k in ATTRIBUTES})
-    for count in (1, 2):
-        subset = [s for s, p in zip(scores, prompts) if _num_objects(p) == count]
-        report[f"prompt_accuracy_{count}_object"] = sum(s["correct"] for s in subset) / len(subset) if subset else None
-    return report
+    """Shapes prompt accuracy and per-attribute accuracy of N images (see `benchmarks/shapes.py`)."""
+    from .benchmarks.shapes import ShapesBenchmark
 
-
-def _num_objects(prompt: str) -> int:
-    scene = parse_caption(prompt)
-    return len(scene["objects"]) if scene else 0
-
-
-def fd_report(
-    classifier, generated: list[PIL.Image.Image], real: list[PIL.Image.Image], prompts: list[str], seed: int
-) -> dict[str, Any]:
-    """FD(generated, real) and, as the sampling-noise floor, FD(real, fresh real renders of the same prompts)."""
-    fake_feats = extract_features(classifier, generated)
-    real_feats = extract_features(classifier, real)
-    image_size = real[0].width
-    floor_images = [render_prompt(p, 1, image_size, seed + 1 + i)[0] for i, p in enumerate(prompts)]
-    return {
-        "fd": frechet_distance(fake_feats, real_feats),
-        "fd_real_floor": frechet_distance(extract_features(classifier, floor_images), real_feats),
-    }
-
-
-def _resolve_classifier(classifier: str | os.PathLike | None, device: str):
-    """The FD feature classifier: `classifier`, else the shipped assets/eval_classifier, else (None, None)."""
-    path = classifier
-    if path is None:
-        try:
-            path = find_repo_file(EVAL_CLASSIFIER)
-        except FileNotFoundError:
-            return None, None
-    return load_feature_classifier(path, device), str(path)
+    return ShapesBenchmark().image_metrics(images, prompts, images[0].width if images else 32, 0)
 
 
 def evaluate(
@@ -128,7 +98,9 @@ def evaluate(
     guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    classifier: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | None = None,
+    clip: str | os.PathLike | None = None,
+    inception: str | os.PathLike | None = None,
     diversity_prompts: int = 8,
     diversity_samples: int = 16,
     nll_levels: int = 8,
@@ -136,66 +108,81 @@ def evaluate(
     device: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a pipeline folder (or pipeline object) on validation shards; write the JSON to `out` if given.
+    """Evaluate a pipeline folder (or pipeline object) on any image-caption shards; write the JSON to `out` if given.
 
-    classifier: the FD feature classifier folder (default `assets/eval_classifier` when it exists; without one the
-    FD is reported as null). Everything random is seeded from `seed`; the JSON records the seeds, the prompts, the
-    sample counts, the model and the command line, so the run can be repeated exactly.
+    Generic metrics always (see `generic.py`), in the feature spaces of `encoder` (an `mmdiff eval-encoder` folder;
+    default: the benchmark's shipped one, e.g. assets/eval_encoder_shapes on shapes), `clip` (a local open_clip
+    checkpoint) and `inception` (local InceptionV3 weights); plus the exact scores of the dataset's benchmark when
+    the shards belong to one (shapes). The real-vs-real FD floor compares the real images of the evaluated records
+    with the next `num_images` records when the shards hold them. Everything random is seeded from `seed`; the JSON
+    records the seeds, the prompts, the sample counts, the encoders, the model and the command line.
     """
     started = time.time()
+    check_counts(num_images=num_images, num_captions=num_captions, batch_size=batch_size)
+    records = load_eval_records(val_shards, max(num_images, num_captions) + num_images)
+    require_records(
+        records, max(num_images, num_captions), f"--num-images {num_images} / --num-captions {num_captions}"
+    )
+    benchmark = find_benchmark(records)
     pipe = load_pipeline(pipeline_folder, device, scheduler)
-    feature_model, classifier_path = _resolve_classifier(classifier, str(pipe._execution_device))
-    images, scenes, canonical = load_real_scenes(val_shards, max(num_images, num_captions))
-    if len(images) < max(num_images, num_captions):
-        raise ValueError(f"{val_shards!r} holds {len(images)} usable records; asked for {num_images}/{num_captions}")
-    prompts = canonical[:num_images]
+    evaluated = records.head(max(num_images, num_captions))
+    spaces, notes = resolve_encoders(
+        encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, evaluated.images,
+        evaluated.prompts,
+    )  # fmt: skip
+    check_encoders_fit(spaces, pipe.image_size, evaluated.images, evaluated.prompts)
+    t2i_records = records.head(num_images)
+    floor = records.slice(max(num_images, num_captions), max(num_images, num_captions) + num_images)
+    prompts = t2i_records.prompts
 
     # text -> image
     t0 = time.time()
     generated = generate_images(pipe, prompts, guidance_scale, num_inference_steps, seed, batch_size, guidance_interval)
-    t2i_seconds = time.time() - t0
-    t2i = fidelity_report(generated, prompts)
-    t2i["seconds_per_image"] = t2i_seconds / max(len(prompts), 1)
-    if feature_model is not None and len(prompts) >= 2:
-        t2i.update(fd_report(feature_model, generated, images[:num_images], prompts, seed))
-    else:
-        t2i.update({"fd": None, "fd_real_floor": None})
-    diversity_set = list(dict.fromkeys(prompts))[:diversity_prompts]
-    by_prompt = {}
-    for j, prompt in enumerate(diversity_set):
-        # seeds far from the fidelity run's, so these images are new draws
-        by_prompt[prompt] = generate_images(
-            pipe,
-            [prompt] * diversity_samples,
-            guidance_scale,
-            num_inference_steps,
-            seed + 1_000_000 + j * diversity_samples,
-            batch_size,
-            guidance_interval,
+    t2i: dict[str, Any] = {"seconds_per_image": (time.time() - t0) / max(len(prompts), 1), "num": len(prompts)}
+    floor_images = floor.images if len(floor) == num_images else None
+    t2i.update(
+        spaces_report(
+            {
+                name: image_space_metrics(enc, generated, t2i_records.images, prompts, floor_images, seed)
+                for name, enc in spaces.items()
+            }
         )
-    t2i.update(diversity_report(by_prompt, pipe.image_size, seed) if by_prompt else {})
+    )
+    diversity_set: list[str] = []
+    if benchmark is not None:
+        t2i.update(benchmark.image_metrics(generated, prompts, pipe.image_size, seed))
+        if benchmark.wants_diversity_samples:
+            diversity_set = list(dict.fromkeys(prompts))[:diversity_prompts]
+            by_prompt = {
+                # seeds far from the fidelity run's, so these images are new draws
+                prompt: generate_images(
+                    pipe,
+                    [prompt] * diversity_samples,
+                    guidance_scale,
+                    num_inference_steps,
+                    seed + 1_000_000 + j * diversity_samples,
+                    batch_size,
+                    guidance_interval,
+                )
+                for j, prompt in enumerate(diversity_set)
+            }
+            t2i.update(benchmark.diversity_metrics(by_prompt, pipe.image_size, seed))
 
     # image -> text
-    references, phrasing = nll_references(pipeline_folder, canonical[:num_captions])
+    i2t_records = records.head(num_captions)
     i2t = caption_report(
-        pipe,
-        images[:num_captions],
-        scenes[:num_captions],
-        canonical[:num_captions],
-        references,
-        caption_guidance_scale,
-        caption_steps,
-        nll_levels,
-        batch_size,
-        seed,
-        relation_probe=phrasing == "canonical",
-    )
-    i2t["nll_references"] = phrasing
+        pipe, i2t_records, spaces, benchmark, pipeline_folder, caption_guidance_scale, caption_steps, nll_levels,
+        batch_size, seed,
+    )  # fmt: skip
 
     result = {
         "model": model_name(pipeline_folder),
         "command": shlex.join(sys.argv),
         "val_shards": val_shards,
+        "benchmark": benchmark.name if benchmark else None,
+        "encoders": {name: enc.name for name, enc in spaces.items()},
+        "notes": notes,
+        "skipped_records": records.skipped,
         "seed": seed,
         "seeds": {
             "image_i": f"{seed} + i",
@@ -210,7 +197,11 @@ def evaluate(
         "caption_steps": caption_steps,
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "scheduler": type(pipe.scheduler).__name__,
-        "classifier": classifier_path,
+        "r_precision": f"R = min({R_PRECISION_R}, distinct prompts); distractors: R - 1 other distinct prompts of the "
+        "evaluated set, drawn at random (seeded) for each image",
+        "fd_real_floor": "FD of the next num_images real records of the shards to the evaluated real images"
+        if floor_images
+        else "not measured: the shards hold fewer than 2 x num_images records",
         "nll_levels": nll_levels,
         "prompts": prompts,
         "diversity_prompts": diversity_set,
@@ -223,6 +214,52 @@ def evaluate(
     if out is not None:
         write_json(out, result)
     return result
+
+
+def caption_report(
+    pipe,
+    records: EvalRecords,
+    spaces: dict[str, Any],
+    benchmark,
+    model,
+    guidance_scale: float,
+    caption_steps: int | None,
+    nll_levels: int,
+    batch_size: int,
+    seed: int,
+    probes: bool = True,
+    nll_guidance_scale: float = 1.0,
+) -> dict[str, Any]:
+    """Captions of the records' images at `guidance_scale`: n-gram scores against every reference, CLIP score in
+    each joint space, the NLL bounds (bits per token) with the image (CFG-combined logits at `nll_guidance_scale`)
+    and with the null context, and the benchmark's exact scores and probes."""
+    texts = generate_captions(pipe, records.images, guidance_scale, caption_steps, batch_size, seed)
+    report: dict[str, Any] = {"guidance_scale": guidance_scale, "num": len(texts)}
+    report.update(generic_caption_metrics(texts, records.references))
+    per_space = {name: caption_space_metrics(enc, records.images, texts) for name, enc in spaces.items()}
+    per_space = {name: figures for name, figures in per_space.items() if figures}
+    if per_space:
+        report.update(spaces_report(per_space))
+    references, phrasing = benchmark.nll_references(model, records) if benchmark else (list(records.prompts), "prompts")
+    report["nll_image_bits"] = caption_nll(
+        pipe, records.images, references, nll_guidance_scale, nll_levels, batch_size, seed
+    )
+    report["nll_null_bits"] = caption_nll(pipe, None, references, 1.0, nll_levels, batch_size, seed)
+    report["nll_references"] = phrasing
+    if benchmark is not None:
+        report.update(benchmark.caption_metrics(texts, records))
+        if probes:
+            report.update(benchmark.caption_probes(pipe, records, model, batch_size))
+    else:
+        report["samples"] = [{"caption": t, "references": r} for t, r in zip(texts[:20], records.references[:20])]
+    return report
+
+
+def check_counts(**counts: int) -> None:
+    """Every sample count must be a positive integer (the CLI's --num-images 0 used to run and divide by zero)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def write_json(path: str | os.PathLike, value: Any) -> Path:

@@ -1,14 +1,16 @@
-"""`mmdiff sweep`: metrics against the guidance scale, in both directions, with an image grid and a plot.
+"""`mmdiff sweep`: metrics against the guidance scale, in both directions, on any data, with a grid and plots.
 
 Text to image runs on :meth:`MMDiffTextToImagePipeline.guidance_sweep`: every scale denoises the same prompts from the
 same initial noise (image r of prompt p uses generator seed ``seed + p * images_per_prompt + r``), so the columns of
-the grid differ only by w. Per scale it reports prompt accuracy (fidelity), the FD to real renders of the same
-prompts, layout diversity (see :mod:`mmdiff.eval.diversity`) and feature diversity (mean pairwise distance of the
-classifier features of one prompt's samples, divided by the same on real renders). With a guidance interval the
-whole sweep is run a second time with CFG only inside the interval, and both wall times are recorded.
+the grid differ only by w. The prompts are the first `num_prompts` distinct prompts of the shards. Per scale it
+reports the generic metrics in every feature space given (FD, KID and precision/recall against the real images of
+the first P x K records, CLIP score and R-precision of the images with their prompts; see `generic.py`) and the
+benchmark's exact scores when the shards belong to one (shapes: prompt accuracy, layout diversity). With a guidance
+interval the whole sweep runs a second time with CFG only inside the interval, and both wall times are recorded.
 
-Image to text: for each caption guidance scale, attribute accuracy of greedy captions of validation images and the
-NLL bound with the CFG-combined logits at that scale (plus the unconditional, null-context bound).
+Image to text: for each caption guidance scale, the captions of the first `num_captions` records scored against
+every reference (BLEU-4, CIDEr-D, ROUGE-L), by CLIP score and by the benchmark, and the NLL bound with the
+CFG-combined logits at that scale (plus the unconditional, null-context bound).
 """
 
 from __future__ import annotations
@@ -21,30 +23,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 
-from .captions import caption_metrics, caption_nll, generate_captions, nll_references
-from .detector import ATTRIBUTES
-from .diversity import diversity_report, mean_pairwise_distance, render_prompt
-from .features import extract_features, frechet_distance, load_real_scenes
+from .benchmarks import find_benchmark
+from .encoders import check_encoders_fit, resolve_encoders
+from .generic import R_PRECISION_R, image_space_metrics, spaces_report
 from .plots import plot_sweep, save_labeled_grid
-from .run import _resolve_classifier, fidelity_report, load_pipeline, model_name, write_json
+from .records import load_eval_records
+from .run import caption_report, check_counts, load_pipeline, model_name, write_json
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_CAPTION_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
-def distinct_prompts(val_shards: str | list[str], num_prompts: int) -> list[str]:
-    """The first `num_prompts` distinct canonical captions of the validation shards, in shard order."""
-    prompts: list[str] = []
-    _, _, canonical = load_real_scenes(val_shards, None)
-    for caption in canonical:
-        if caption not in prompts:
-            prompts.append(caption)
-        if len(prompts) == num_prompts:
-            break
-    return prompts
+def distinct_prompts(prompts: list[str], num_prompts: int) -> list[str]:
+    """The first `num_prompts` distinct prompts, in shard order."""
+    return list(dict.fromkeys(prompts))[:num_prompts]
 
 
 def sweep_images(
@@ -83,31 +77,6 @@ def sweep_images(
     return images, seconds, rows
 
 
-def _scale_metrics(
-    images: list[PIL.Image.Image],
-    expanded: list[str],
-    prompts: list[str],
-    k: int,
-    classifier,
-    real_feats: np.ndarray | None,
-    real_feature_div: float,
-    image_size: int,
-    seed: int,
-) -> dict[str, Any]:
-    """Fidelity, FD, layout diversity and feature diversity of one scale's P*K images."""
-    metrics = fidelity_report(images, expanded)
-    by_prompt = {p: images[i * k : (i + 1) * k] for i, p in enumerate(prompts)}
-    diversity = diversity_report(by_prompt, image_size, seed)
-    metrics.update({key: diversity[key] for key in ("diversity", "diversity_real", "diversity_ratio")})
-    metrics["fd"] = metrics["feature_diversity"] = float("nan")
-    if classifier is not None and real_feats is not None:
-        feats = extract_features(classifier, images)
-        metrics["fd"] = frechet_distance(feats, real_feats)
-        per_prompt = [mean_pairwise_distance(list(feats[i * k : (i + 1) * k])) for i in range(len(prompts))]
-        metrics["feature_diversity"] = float(np.nanmean(per_prompt)) / real_feature_div
-    return metrics
-
-
 def sweep(
     pipeline_folder,
     val_shards: str | list[str],
@@ -121,7 +90,9 @@ def sweep(
     guidance_interval: tuple[float, float] | None = (0.2, 0.8),
     seed: int = 0,
     batch_size: int = 64,
-    classifier: str | os.PathLike | None = None,
+    encoder: str | os.PathLike | None = None,
+    clip: str | os.PathLike | None = None,
+    inception: str | os.PathLike | None = None,
     nll_levels: int = 4,
     grid_samples: int = 2,
     scheduler: str | None = None,
@@ -130,31 +101,30 @@ def sweep(
 ) -> dict[str, Any]:
     """Run both sweeps and write `out_dir/{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}`.
 
-    guidance_interval: (t_low, t_high) for the interval-on run, None to skip it. grid_samples: samples shown per
-    grid cell (prompts x scales). Returns the JSON record (also written to sweep.json).
+    encoder / clip / inception: feature spaces as in `evaluate`. guidance_interval: (t_low, t_high) for the
+    interval-on run, None to skip it. grid_samples: samples shown per grid cell (prompts x scales). Returns the JSON
+    record (also written to sweep.json).
     """
     started = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(pipeline_folder, device, scheduler)
-    feature_model, classifier_path = _resolve_classifier(classifier, str(pipe._execution_device))
+    check_counts(num_prompts=num_prompts, images_per_prompt=images_per_prompt, num_captions=num_captions)
     scales = [float(w) for w in scales]
-    prompts = distinct_prompts(val_shards, num_prompts)
-    if not prompts:
-        raise ValueError(f"no parseable shapes captions in {val_shards!r}")
+    caption_scales = [float(w) for w in caption_scales]
+    if not scales or not caption_scales:
+        raise ValueError("--scales and --caption-scales each need at least one guidance scale")
     k = images_per_prompt
+    records = load_eval_records(val_shards, max(num_captions, num_prompts * k))
+    benchmark = find_benchmark(records)
+    prompts = distinct_prompts(records.prompts, num_prompts)
     expanded = [p for p in prompts for _ in range(k)]
-    size = pipe.image_size
-
-    # real renders of the same prompts, K each: the reference of FD and of both diversity figures
-    real_feats, real_feature_div = None, float("nan")
-    if feature_model is not None:
-        real = [im for i, p in enumerate(prompts) for im in render_prompt(p, max(k, 2), size, seed + i)]
-        real_feats = extract_features(feature_model, real)
-        kr = max(k, 2)
-        real_feature_div = float(
-            np.nanmean([mean_pairwise_distance(list(real_feats[i * kr : (i + 1) * kr])) for i in range(len(prompts))])
-        )
+    reference = records.head(max(len(expanded), 2))
+    pipe = load_pipeline(pipeline_folder, device, scheduler)
+    spaces, notes = resolve_encoders(
+        encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, records.images,
+        records.prompts,
+    )  # fmt: skip
+    check_encoders_fit(spaces, pipe.image_size, records.images, records.prompts)
+    out = Path(out_dir)
+    real_features = {name: enc.image_features(reference.images) for name, enc in spaces.items()}
 
     runs = {"off": None, "on": guidance_interval} if guidance_interval else {"off": None}
     rows_by_run, timing, grids = {}, {}, {}
@@ -163,27 +133,33 @@ def sweep(
             pipe, prompts, scales, k, num_inference_steps, seed, batch_size, interval
         )
         timing[name] = {"seconds": round(seconds, 3), "forward_rows": forward_rows, "interval": interval}
-        rows_by_run[name] = [
-            {"guidance_scale": w}
-            | _scale_metrics(imgs, expanded, prompts, k, feature_model, real_feats, real_feature_div, size, seed)
-            for w, imgs in zip(scales, images)
-        ]
+        rows_by_run[name] = []
+        for w, imgs in zip(scales, images, strict=True):
+            per_space = {
+                space: image_space_metrics(
+                    enc, imgs, reference.images, expanded, seed=seed, real_features=real_features[space]
+                )
+                for space, enc in spaces.items()
+            }
+            row = {"guidance_scale": w} | spaces_report(per_space)
+            if benchmark is not None:
+                row |= benchmark.image_metrics(imgs, expanded, pipe.image_size, seed, samples_per_prompt=k)
+            rows_by_run[name].append(row)
         grids[name] = images
     table = _merge_interval_rows(rows_by_run)
     cells = [[grids["off"][s][p * k : p * k + grid_samples] for s in range(len(scales))] for p in range(len(prompts))]
+    out.mkdir(parents=True, exist_ok=True)
     save_labeled_grid(cells, prompts, [f"w = {w:g}" for w in scales], out / "grid.png")
 
     # image -> text
-    images, scenes, canonical = load_real_scenes(val_shards, num_captions)
-    references, phrasing = nll_references(pipeline_folder, canonical)
+    caption_records = records.head(num_captions)
     caption_rows = []
-    nll_null = caption_nll(pipe, None, references, 1.0, nll_levels, batch_size, seed)
     for w in caption_scales:
-        texts = generate_captions(pipe, images, float(w), caption_steps, batch_size, seed)
-        row = {"guidance_scale": float(w)} | caption_metrics(texts, scenes, canonical)
-        row["nll_image_bits"] = caption_nll(pipe, images, references, float(w), nll_levels, batch_size, seed)
-        row["nll_null_bits"] = nll_null
-        caption_rows.append(row)
+        row = caption_report(
+            pipe, caption_records, spaces, benchmark, pipeline_folder, w, caption_steps, nll_levels, batch_size,
+            seed, probes=False, nll_guidance_scale=w,
+        )  # fmt: skip
+        caption_rows.append({"guidance_scale": w} | {k: v for k, v in row.items() if k != "samples"})
 
     _write_csv(out / "sweep.csv", table)
     _write_csv(out / "captions.csv", caption_rows)
@@ -192,16 +168,21 @@ def sweep(
         "model": model_name(pipeline_folder),
         "command": shlex.join(sys.argv),
         "val_shards": val_shards,
+        "benchmark": benchmark.name if benchmark else None,
+        "encoders": {name: enc.name for name, enc in spaces.items()},
+        "notes": notes,
+        "skipped_records": records.skipped,
         "seed": seed,
         "seeds": "image r of prompt p: seed + p * images_per_prompt + r; caption i: seed + i",
         "prompts": prompts,
         "images_per_prompt": k,
-        "num_captions": len(images),
-        "nll_references": phrasing,
+        "real_reference": f"the real images of the first {len(reference)} records",
+        "r_precision": f"R = min({R_PRECISION_R}, distinct prompts); distractors: R - 1 other distinct prompts, "
+        "drawn at random (seeded) for each image",
+        "num_captions": len(caption_records),
         "num_inference_steps": num_inference_steps,
         "caption_steps": caption_steps,
         "scheduler": type(pipe.scheduler).__name__,
-        "classifier": classifier_path,
         "nll_levels": nll_levels,
         "text_to_image": table,
         "image_to_text": caption_rows,
@@ -213,25 +194,27 @@ def sweep(
     return record
 
 
-_T2I_COLUMNS = ("prompt_accuracy", *ATTRIBUTES, "fd", "diversity", "diversity_real", "diversity_ratio")
+# the figures that the interval-on run adds to each row, as `<name>_interval`
+_INTERVAL_COLUMNS = ("prompt_accuracy", "fd", "clip_score", "r_precision", "precision", "recall", "diversity")
 
 
 def _merge_interval_rows(rows_by_run: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per scale: the interval-off metrics, plus `<metric>_interval` columns from the interval-on run."""
+    """One row per scale: the interval-off figures, plus `<figure>_interval` columns from the interval-on run."""
     table = []
     for i, row in enumerate(rows_by_run["off"]):
-        merged = {"guidance_scale": row["guidance_scale"]}
-        merged.update({key: row[key] for key in (*_T2I_COLUMNS, "feature_diversity")})
+        merged = {key: value for key, value in row.items() if key != "per_prompt"}
         if "on" in rows_by_run:
             on = rows_by_run["on"][i]
-            merged.update({f"{key}_interval": on[key] for key in ("prompt_accuracy", "fd", "diversity")})
+            merged.update({f"{key}_interval": on[key] for key in _INTERVAL_COLUMNS if key in on})
         table.append(merged)
     return table
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if not isinstance(rows[0][k], list)])
+        writer = csv.DictWriter(
+            handle, fieldnames=[k for k in rows[0] if not isinstance(rows[0][k], list | dict)], extrasaction="ignore"
+        )
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _cell(row[k]) for k in writer.fieldnames})

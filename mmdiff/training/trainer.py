@@ -225,6 +225,24 @@ def train(cfg: Config, resume: bool = False) -> dict:
             )
         )
 
+    live_eval = None
+    if t.eval_encoder and main:
+        if not cfg.data.val_shards:
+            raise ValueError("train.eval_encoder needs data.val_shards: the evaluation draws its prompts from them")
+        from mmdiff.eval.in_training import TrainingEvaluator
+
+        live_eval = TrainingEvaluator(
+            t.eval_encoder,
+            cfg.data.val_shards,
+            cfg.data.image_size,
+            num_images=t.eval_images,
+            num_inference_steps=t.eval_sampling_steps,
+            guidance_scale=cfg.sample.guidance_scale,
+            seed=t.seed,
+            batch_size=min(t.batch_size, 128),
+            device=str(accelerator.device),
+        )
+
     def losses_for(batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids = batch["input_ids"].to(accelerator.device)
         frozen_text = None
@@ -251,8 +269,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
         objective.eval()
         with accelerator.autocast():
             losses = losses_for(eval_batch, torch.Generator(accelerator.device).manual_seed(1234))
+        record = {"eval_loss_image": float(losses["loss_image"]), "eval_loss_text": float(losses["loss_text"])}
+        if live_eval is not None:  # the main process only: generation and metrics of the EMA weights
+            record.update(
+                live_eval(build_pipeline(ema, vae, noise_scheduler, tokenizer, text_encoder, encoder_tokenizer))
+            )
         objective.train()
-        return {"eval_loss_image": float(losses["loss_image"]), "eval_loss_text": float(losses["loss_text"])}
+        return record
 
     history: list[dict] = []
 
