@@ -195,7 +195,16 @@ def sweep(
 
 
 # the figures that the interval-on run adds to each row, as `<name>_interval`
-_INTERVAL_COLUMNS = ("prompt_accuracy", "fd", "clip_score", "r_precision", "precision", "recall", "diversity")
+_INTERVAL_COLUMNS = (
+    "prompt_accuracy",
+    "fd",
+    "clip_score",
+    "r_precision",
+    "precision",
+    "recall",
+    "diversity",
+    "diversity_ratio",
+)
 
 
 def _merge_interval_rows(rows_by_run: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
