@@ -26,7 +26,8 @@ def _one_error_line(capsys, command: str) -> str:
     [
         (b"", "is empty"),
         (b"a small red circle\n", "is not an image PIL can read"),
-        (bytes(range(256)) * 4, "is not an image PIL can read"),
+        # older Pillow (10.0) takes these bytes for some format's header and then fails to decode them
+        (bytes(range(256)) * 4, ("is not an image PIL can read", "is damaged")),
         (None, "image file not found"),
     ],
     ids=["empty", "text", "random-bytes", "missing"],
@@ -38,7 +39,8 @@ def test_caption_and_vary_name_a_file_that_is_no_image(saved_pipe, tmp_path, cap
         path.write_bytes(content)
     assert main([command, "--model", str(saved_pipe), str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = _one_error_line(capsys, command)
-    assert message in err and str(path) in err
+    messages = message if isinstance(message, tuple) else (message,)
+    assert any(m in err for m in messages) and str(path) in err
 
 
 def test_caption_names_a_truncated_image_and_a_folder(saved_pipe, tmp_path, capsys):
@@ -238,8 +240,9 @@ def test_config_merges_that_omegaconf_fails_inside_are_config_errors(tmp_path):
     path.write_text("0\n")  # omegaconf.OmegaConf.create("0") fails an internal assertion
     with pytest.raises(ConfigError, match="must hold a mapping of sections"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"override 'train\.trackers\.extra=': gives keys to a list"):
-        load_config(TINY, ["train.trackers.extra="])  # a plain TypeError from omegaconf's merge
+    # a plain TypeError from omegaconf 2.4's merge (2.3 raises its own merge error): the override is named either way
+    with pytest.raises(ConfigError, match=r"override 'train\.trackers\.extra=': "):
+        load_config(TINY, ["train.trackers.extra="])
 
 
 def test_pipeline_arguments_of_the_wrong_type_get_own_messages(pipe, i2t):
