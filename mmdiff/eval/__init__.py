@@ -5,11 +5,11 @@
 """
 
 from .benchmarks.shapes import load_real_scenes
-from .captions import caption_metrics, caption_nll, caption_report, generate_captions
+from .captions import caption_metrics, caption_nll, generate_captions
 from .detector import ATTRIBUTES, compare_scenes, detect_objects, detected_scene, score_image
 from .diversity import diversity_report, layout_descriptor, mean_pairwise_distance, render_prompt
 from .metrics import caption_scores, clip_score, frechet_distance, kernel_inception_distance, precision_recall
-from .run import evaluate, fidelity_report, generate_images
+from .run import caption_report, evaluate, fidelity_report, generate_images
 from .sweep import sweep
 
 __all__ = [

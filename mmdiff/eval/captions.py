@@ -234,37 +234,3 @@ def caption_nll(
             total += float(mdlm_loss(suppress_mask_logit(logits, mask_id), ids, is_masked, t)) * n
         rows += n
     return total / (rows * num_levels) / math.log(2.0)
-
-
-def caption_report(
-    pipe,
-    images: list[Image.Image],
-    references: list[dict[str, Any]],
-    canonical: list[str],
-    captions_for_nll: list[str],
-    guidance_scale: float = 2.0,
-    num_inference_steps: int | None = None,
-    num_levels: int = 8,
-    batch_size: int = 64,
-    seed: int = 0,
-    nll_guidance_scale: float | None = None,
-    relation_probe: bool = True,
-) -> dict[str, Any]:
-    """Generated-caption accuracy at `guidance_scale` plus NLL bounds (bits/token) with the image and null contexts.
-
-    `nll_guidance_scale` (default 1) is the w of the image-context bound; "nll_null_bits" is always unguided.
-    Returns caption_metrics(...) plus {"nll_image_bits", "nll_null_bits", "guidance_scale", "samples": [...]}.
-    """
-    texts = generate_captions(pipe, images, guidance_scale, num_inference_steps, batch_size, seed)
-    metrics = caption_metrics(texts, references, canonical)
-    w_nll = 1.0 if nll_guidance_scale is None else nll_guidance_scale
-    metrics["nll_image_bits"] = caption_nll(pipe, images, captions_for_nll, w_nll, num_levels, batch_size, seed)
-    metrics["nll_null_bits"] = caption_nll(pipe, None, captions_for_nll, 1.0, num_levels, batch_size, seed)
-    metrics["guidance_scale"] = guidance_scale
-    metrics["nll_guidance_scale"] = w_nll
-    if relation_probe:
-        metrics["relation_direction"] = relation_direction(pipe, images, canonical, batch_size)
-    else:  # a left-first captioner never says "right of"/"below": swapping that word asks about the phrasing
-        metrics["relation_direction"] = {"num": 0, "skipped": "the model was trained on left-first phrasings"}
-    metrics["samples"] = [{"caption": t, "reference": c} for t, c in zip(texts[:20], canonical[:20])]
-    return metrics

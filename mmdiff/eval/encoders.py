@@ -1,6 +1,6 @@
 """Which feature spaces an evaluation uses, loaded from local files, and the checks that they fit the data.
 
-`resolve_encoders(encoder, clip, inception, benchmark, device)` returns {space name: EvalEncoder} in report order:
+`resolve_encoders(encoder, clip, inception, benchmark, ...)` returns ({space name: EvalEncoder} in report order, notes):
 the mmdiff eval encoder (`--encoder DIR`, else the benchmark's shipped one), then open_clip (`--clip`), then
 InceptionV3 (`--inception`). The first is the primary space. With none of them the generic image metrics are not
 computed (caption n-gram scores and the NLL bound need no encoder) and `evaluate` says how to get one.
@@ -29,10 +29,10 @@ def resolve_encoders(
     clip: str | os.PathLike | None,
     inception: str | os.PathLike | None,
     benchmark,
-    device: str = "cpu",
-    image_size: int | None = None,
-    real_images: list | None = None,
-    captions: list[str] | None = None,
+    device: str,
+    image_size: int,
+    real_images: list,
+    captions: list[str],
 ) -> tuple[dict[str, Any], list[str]]:
     """The feature spaces of one evaluation, every one loaded from a local path (nothing is downloaded), and notes.
 
@@ -43,12 +43,12 @@ def resolve_encoders(
     notes: list[str] = []
     if encoder is not None:
         spaces["eval_encoder"] = load_encoder_space(encoder, device)
+        check_encoders_fit(spaces, image_size, real_images, captions)
     elif benchmark is not None and benchmark.default_encoder:
         try:
-            default = load_encoder_space(find_repo_file(benchmark.default_encoder), device)
-            if image_size is not None:
-                check_encoders_fit({"eval_encoder": default}, image_size, real_images or [], captions or [])
-            spaces["eval_encoder"] = default
+            default = {"eval_encoder": load_encoder_space(find_repo_file(benchmark.default_encoder), device)}
+            check_encoders_fit(default, image_size, real_images, captions)
+            spaces.update(default)
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"the {benchmark.name} benchmark's default eval encoder is not used: {err}")
     if clip is not None:

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from .encoders import check_encoders_fit, load_encoder_space
+from .encoders import resolve_encoders
 from .generic import image_space_metrics
 from .records import load_eval_records, require_records
 from .run import generate_images
@@ -34,10 +34,12 @@ class TrainingEvaluator:
         batch_size: int = 64,
         device: str = "cpu",
     ) -> None:
-        self.encoder = load_encoder_space(encoder_dir, device)
         self.records = load_eval_records(val_shards, num_images)
         require_records(self.records, 2, "train.eval_encoder (FD needs 2 images)")
-        check_encoders_fit({"eval_encoder": self.encoder}, image_size, self.records.images, self.records.prompts)
+        spaces, _ = resolve_encoders(
+            encoder_dir, None, None, None, device, image_size, self.records.images, self.records.prompts
+        )
+        self.encoder = spaces["eval_encoder"]
         self.real_features = self.encoder.image_features(self.records.images)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale

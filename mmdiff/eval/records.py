@@ -34,15 +34,7 @@ class EvalRecords:
 
     def head(self, n: int) -> EvalRecords:
         """The first n records."""
-        return EvalRecords(
-            self.shards,
-            self.keys[:n],
-            self.images[:n],
-            self.prompts[:n],
-            self.references[:n],
-            self.attributes[:n],
-            dict(self.skipped),
-        )
+        return self.slice(0, n)
 
     def slice(self, start: int, stop: int) -> EvalRecords:
         """Records start..stop-1 (the real-vs-real floor uses records after the evaluated ones)."""

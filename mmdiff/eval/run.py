@@ -24,7 +24,7 @@ import torch
 
 from .benchmarks import find_benchmark
 from .captions import caption_nll, generate_captions
-from .encoders import check_encoders_fit, resolve_encoders
+from .encoders import resolve_encoders
 from .generic import (
     R_PRECISION_R,
     caption_space_metrics,
@@ -130,7 +130,6 @@ def evaluate(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, evaluated.images,
         evaluated.prompts,
     )  # fmt: skip
-    check_encoders_fit(spaces, pipe.image_size, evaluated.images, evaluated.prompts)
     t2i_records = records.head(num_images)
     floor = records.slice(max(num_images, num_captions), max(num_images, num_captions) + num_images)
     prompts = t2i_records.prompts
@@ -229,10 +228,12 @@ def caption_report(
     seed: int,
     probes: bool = True,
     nll_guidance_scale: float = 1.0,
+    nll_null_bits: float | None = None,
 ) -> dict[str, Any]:
     """Captions of the records' images at `guidance_scale`: n-gram scores against every reference, CLIP score in
     each joint space, the NLL bounds (bits per token) with the image (CFG-combined logits at `nll_guidance_scale`)
-    and with the null context, and the benchmark's exact scores and probes."""
+    and with the null context (`nll_null_bits` when the caller has it already: it does not depend on the scale), and
+    the benchmark's exact scores and probes."""
     texts = generate_captions(pipe, records.images, guidance_scale, caption_steps, batch_size, seed)
     report: dict[str, Any] = {"guidance_scale": guidance_scale, "num": len(texts)}
     report.update(generic_caption_metrics(texts, records.references))
@@ -244,7 +245,9 @@ def caption_report(
     report["nll_image_bits"] = caption_nll(
         pipe, records.images, references, nll_guidance_scale, nll_levels, batch_size, seed
     )
-    report["nll_null_bits"] = caption_nll(pipe, None, references, 1.0, nll_levels, batch_size, seed)
+    if nll_null_bits is None:
+        nll_null_bits = caption_nll(pipe, None, references, 1.0, nll_levels, batch_size, seed)
+    report["nll_null_bits"] = nll_null_bits
     report["nll_references"] = phrasing
     if benchmark is not None:
         report.update(benchmark.caption_metrics(texts, records))

@@ -26,7 +26,7 @@ from typing import Any
 import PIL.Image
 
 from .benchmarks import find_benchmark
-from .encoders import check_encoders_fit, resolve_encoders
+from .encoders import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
 from .plots import plot_sweep, save_labeled_grid
 from .records import load_eval_records
@@ -122,7 +122,6 @@ def sweep(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, records.images,
         records.prompts,
     )  # fmt: skip
-    check_encoders_fit(spaces, pipe.image_size, records.images, records.prompts)
     out = Path(out_dir)
     real_features = {name: enc.image_features(reference.images) for name, enc in spaces.items()}
 
@@ -153,13 +152,15 @@ def sweep(
 
     # image -> text
     caption_records = records.head(num_captions)
-    caption_rows = []
+    caption_rows: list[dict[str, Any]] = []
     for w in caption_scales:
         row = caption_report(
             pipe, caption_records, spaces, benchmark, pipeline_folder, w, caption_steps, nll_levels, batch_size,
             seed, probes=False, nll_guidance_scale=w,
+            nll_null_bits=caption_rows[0]["nll_null_bits"] if caption_rows else None,
         )  # fmt: skip
-        caption_rows.append({"guidance_scale": w} | {k: v for k, v in row.items() if k != "samples"})
+        row.pop("samples", None)
+        caption_rows.append(row)
 
     _write_csv(out / "sweep.csv", table)
     _write_csv(out / "captions.csv", caption_rows)

@@ -1,12 +1,13 @@
 """Dataset-specific benchmarks: exact scores where a dataset's attributes are known, on top of the generic metrics.
 
 `mmdiff eval` and `mmdiff sweep` always compute the generic metrics (any image-caption data) and add the scores of
-the first benchmark in `BENCHMARKS` whose `matches(records)` is true. To add one, write a `Benchmark` subclass in a
-file of this folder (see `shapes.py`) and append an instance to `BENCHMARKS`.
+the first benchmark whose `matches(records)` is true. To add one, write a `Benchmark` subclass in a file of this
+folder (see `shapes.py`) and add an instance to the tuple in `find_benchmark`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from PIL import Image
@@ -14,7 +15,7 @@ from PIL import Image
 from ..records import EvalRecords
 
 
-class Benchmark:
+class Benchmark(ABC):
     """The interface of a dataset-specific benchmark; every method but `matches` may keep its default."""
 
     name: str = ""
@@ -22,9 +23,9 @@ class Benchmark:
     # space for the generic metrics when the user gives none
     default_encoder: str | None = None
 
+    @abstractmethod
     def matches(self, records: EvalRecords) -> bool:
         """Whether these records belong to the benchmark's dataset (every record must, for exact scores)."""
-        raise NotImplementedError
 
     def image_metrics(
         self, images: list[Image.Image], prompts: list[str], image_size: int, seed: int, samples_per_prompt: int = 1
