@@ -9,7 +9,7 @@ import torch
 from conftest import close_at_scale, make_model, relative_error
 
 from mmdiff.models.blocks import AbsorbedContext
-from mmdiff.models.transformer import MMDiTModel, select_context_rows
+from mmdiff.models.transformer import CFGRows, MMDiTModel, select_context_rows
 from mmdiff.training.losses import drop_ids
 
 
@@ -149,15 +149,18 @@ def test_null_rows_equal_attending_to_the_null_context(tokenizer, null_length):
     ):
         null, null_mask = model.null_context(kind, 2, ctx.shape[1])
         explicit = model(sample, t, torch.cat([null, ctx]), torch.cat([null_mask, mask]))
-        assert close_at_scale(model(sample, t, ctx, mask, null_rows=2), explicit)
+        assert close_at_scale(model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2)), explicit)
         precomputed = model.null_outputs(kind)  # once per sampling call: a constant or the null K/V per block
         per_block_shape = (1, 32) if null_length == 1 else (2, 1, 2, null_length, 16)
         assert len(precomputed) == 2 and all(tuple(p.shape) == per_block_shape for p in precomputed)
-        fast = model(sample, t, ctx, mask, null_rows=2, null_outputs=precomputed)
+        fast = model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2, null_outputs=precomputed))
         assert close_at_scale(fast, explicit)
-        assert relative_error(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], null_rows=2), explicit) > 0.001
-    with pytest.raises(ValueError, match="null_rows=1 plus the context's 3 rows"):
-        model(torch.randn(5, 4, 8, 8), t, text_ctx, text_mask, null_rows=1)
+        assert (
+            relative_error(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], cfg_rows=CFGRows(null=2)), explicit)
+            > 0.001
+        )
+    with pytest.raises(ValueError, match="cfg_rows.null=1 plus the context's 3 rows"):
+        model(torch.randn(5, 4, 8, 8), t, text_ctx, text_mask, cfg_rows=CFGRows(null=1))
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -181,16 +184,16 @@ def test_repeat_rows_equal_the_repeated_batch(tokenizer, grad):
         ):
             full, t_full = torch.cat([sample[idx], sample]), torch.cat([t[idx], t])
             # null rows: the repeated rows on the null context
-            explicit = model(full, t_full, ctx, mask, null_rows=2)
-            assert close_at_scale(model(sample, t, ctx, mask, null_rows=2, repeat_rows=idx), explicit)
+            explicit = model(full, t_full, ctx, mask, cfg_rows=CFGRows(null=2))
+            assert close_at_scale(model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2, repeat=idx)), explicit)
             # explicit contexts for every row (a negative prompt) and a scalar timestep
             ctx5, mask5 = torch.cat([ctx[[1, 1]], ctx]), torch.cat([mask[[1, 1]], mask])
             explicit = model(full, 0.3, ctx5, mask5)
-            assert close_at_scale(model(sample, 0.3, ctx5, mask5, repeat_rows=idx), explicit)
-            wrong = model(sample, 0.3, ctx5, mask5, repeat_rows=torch.tensor([0, 2]))
+            assert close_at_scale(model(sample, 0.3, ctx5, mask5, cfg_rows=CFGRows(repeat=idx)), explicit)
+            wrong = model(sample, 0.3, ctx5, mask5, cfg_rows=CFGRows(repeat=torch.tensor([0, 2])))
             assert relative_error(wrong, explicit) > 0.001
-    with pytest.raises(ValueError, match="repeat_rows must index the 3 rows"):
-        model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, null_rows=1, repeat_rows=torch.tensor([3]))
+    with pytest.raises(ValueError, match="cfg_rows.repeat must index the 3 rows"):
+        model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, cfg_rows=CFGRows(null=1, repeat=torch.tensor([3])))
 
 
 def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
@@ -214,7 +217,7 @@ def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
             assert isinstance(absorbed[0], AbsorbedContext) and absorbed[0].weight.shape == (3, 32, 2 * ctx.shape[1])
             reference = model(sample, t, context_mask=mask, context_kv=kv)
             assert close_at_scale(model(sample, t, context_kv=absorbed), reference)
-            guided = dict(null_rows=2, repeat_rows=idx)
+            guided = dict(cfg_rows=CFGRows(null=2, repeat=idx))
             assert close_at_scale(
                 model(sample, t, context_kv=absorbed, **guided),
                 model(sample, t, context_mask=mask, context_kv=kv, **guided),
@@ -259,7 +262,10 @@ def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
     assert not isinstance(longer.context_kv(text_ctx, text_mask, absorb=None)[0], AbsorbedContext)
     with pytest.raises(ValueError, match="3-token null context is attended to"):
         longer(
-            torch.randn(5, 4, 8, 8), 0.5, context_kv=longer.context_kv(text_ctx, text_mask, absorb=True), null_rows=2
+            torch.randn(5, 4, 8, 8),
+            0.5,
+            context_kv=longer.context_kv(text_ctx, text_mask, absorb=True),
+            cfg_rows=CFGRows(null=2),
         )
 
 

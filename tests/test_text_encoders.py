@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+import mmdiff.conditioning.text
+from mmdiff.conditioning.text import tokenize_for_frozen_encoder
 from mmdiff.models.text_encoders import (
     OpenCLIPTextEncoder,
     encode_with_frozen_encoder,
     frozen_encoder_dim,
     load_frozen_text_encoder,
-    tokenize_for_frozen_encoder,
 )
 
 WORDS = "a an the small large red green blue circle square triangle above below left of right".split()
@@ -124,10 +122,8 @@ def test_open_clip_without_tokenizer_falls_back_to_clip_bpe(tmp_path, monkeypatc
     encoder, tokenizer = load_frozen_text_encoder("open_clip", tmp_path)
     assert tokenizer is None
 
-    # Stand in for the CLIP BPE builder so the test checks the wiring without the real 49k vocabulary.
-    fake = types.ModuleType("mmdiff.data.tokenizer")
-    fake.clip_bpe_tokenizer = tiny_tokenizer
-    monkeypatch.setitem(sys.modules, "mmdiff.data.tokenizer", fake)
+    # Stand in for the CLIP BPE builder so the test checks the wiring without the real 49k vocabulary (7 s to build).
+    monkeypatch.setattr(mmdiff.conditioning.text, "clip_bpe_tokenizer", tiny_tokenizer)
     ids, mask = tokenize_for_frozen_encoder(None, PROMPTS, MAX_LENGTH)
     expected_ids, expected_mask = tokenize_for_frozen_encoder(tiny_tokenizer(), PROMPTS, MAX_LENGTH)
     assert torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)

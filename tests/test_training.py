@@ -347,7 +347,12 @@ def test_image_task_loss_equals_dropping_to_the_null_context(tokenizer, num_drop
     ids, _ = encode_captions(tokenizer, ["a small red circle", "there is a small green triangle"] * 2, 12)
     noisy, target, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
     dropped = torch.tensor([False, True, False, True]) if num_dropped == 2 else torch.arange(4) < num_dropped
-    fast = image_task_loss(model, noisy, target, t, dropped, ids, tokenizer.pad_token_id)
+
+    def encode(rows):
+        rows_ids = ids if rows is None else ids[rows]
+        return model.encode_text(rows_ids, rows_ids != tokenizer.pad_token_id)
+
+    fast = image_task_loss(model, noisy, target, t, dropped, encode)
     fast.backward()
     fast_grad = model.blocks[0].attn.qkv.weight.grad.clone()
     model.zero_grad()

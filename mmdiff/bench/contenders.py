@@ -192,7 +192,11 @@ def mmdiff_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: 
     t = timestep_to_t(timesteps, NOISE_CONFIG["num_train_timesteps"]).to(device)
 
     def loss() -> torch.Tensor:
-        return image_task_loss(model, noisy, target, t, drop, ids, tokenizer.pad_token_id)
+        def encode(rows):
+            rows_ids = ids if rows is None else ids[rows]
+            return model.encode_text(rows_ids, rows_ids != tokenizer.pad_token_id)
+
+        return image_task_loss(model, noisy, target, t, drop, encode)
 
     return _train_step(model, optimizer, loss, autocast)
 
@@ -217,8 +221,10 @@ def mmdiff_frozen_image_step(model: MMDiTModel, preset: BenchPreset, batch: int,
     t = timestep_to_t(timesteps, NOISE_CONFIG["num_train_timesteps"]).to(device)
 
     def loss() -> torch.Tensor:
-        context = model.encode_external_text(features, feature_mask)
-        return image_task_loss(model, noisy, target, t, drop, None, 0, text_context=context)
+        context, mask = model.encode_external_text(features, feature_mask)
+        return image_task_loss(
+            model, noisy, target, t, drop, lambda rows: (context, mask) if rows is None else (context[rows], mask[rows])
+        )
 
     return _train_step(model, optimizer, loss, autocast)
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmdiff.conditioning.guided import GuidedDenoiser
 from mmdiff.config import saved_pipeline_config
 from mmdiff.data.shapes import parse_caption, scene_captions
 from mmdiff.data.tokenizer import encode_captions
-from mmdiff.diffusion.guidance import classifier_free_guidance
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
 
 from .detector import ATTRIBUTES, compare_scenes
@@ -209,27 +209,14 @@ def caption_nll(
         else:
             pixels = pipe.preprocess_images(images[start : start + batch_size])
             context, context_mask = transformer.encode_image(pipe.encode_images(pixels))
-        guided = images is not None and guidance_scale != 1.0
-        kv = transformer.context_kv(context, context_mask, absorb=None)
-        null_outputs = transformer.null_outputs("image") if guided else None
-        cfg_pairs = torch.arange(n, device=device)  # the null rows repeat these rows (`repeat_rows`)
+        # the unconditional rows use the learned null image context; without images there is nothing to guide
+        denoiser = GuidedDenoiser(
+            transformer, context, context_mask, "text", [guidance_scale if images is not None else 1.0]
+        )
         for _ in range(num_levels):
             t = sample_mask_levels(n, eps, generator=generator).to(device)
             noisy, is_masked = mask_tokens(ids, t, mask_id, generator)
-            if guided:  # the unconditional rows use the null image context (`null_rows`)
-                logits = transformer(
-                    noisy,
-                    t,
-                    context_mask=context_mask,
-                    context_kv=kv,
-                    null_rows=n,
-                    null_outputs=null_outputs,
-                    repeat_rows=cfg_pairs,
-                )
-                uncond, cond = logits.float().chunk(2)
-                logits = classifier_free_guidance(cond, uncond, guidance_scale)
-            else:
-                logits = transformer(noisy, t, context_mask=context_mask, context_kv=kv).float()
+            logits = denoiser(noisy, t)
             # mdlm_loss averages over the N*L positions of this batch: weight by N to average over all captions
             total += float(mdlm_loss(suppress_mask_logit(logits, mask_id), ids, is_masked, t)) * n
         rows += n

@@ -247,27 +247,6 @@ def load_frozen_text_encoder(
     return _freeze(encoder), tokenizer
 
 
-def tokenize_for_frozen_encoder(
-    tokenizer: PreTrainedTokenizerBase | None, prompts: list[str], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize prompts for a frozen encoder, padded/truncated to ``max_length``.
-
-    ``tokenizer=None`` means the CLIP BPE tokenizer (the open_clip default vocabulary).
-
-    Returns:
-        ``input_ids`` and ``attention_mask``, both ``(N, max_length)`` int64.
-    """
-    if tokenizer is None:
-        # Imported lazily: the data package is only needed for this fallback.
-        from mmdiff.data.tokenizer import clip_bpe_tokenizer
-
-        tokenizer = clip_bpe_tokenizer()
-    if tokenizer.pad_token is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad token; set one before tokenizing")
-    enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
-
-
 @torch.no_grad()
 def encode_with_frozen_encoder(
     encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor

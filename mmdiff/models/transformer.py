@@ -8,6 +8,8 @@ predictions only: noise processes, losses and guidance live in `mmdiff.diffusion
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -41,6 +43,27 @@ def select_context_rows(cache: list[ContextCache], rows: torch.Tensor | slice) -
         else (entry[0][rows], entry[1][rows])
         for entry in cache
     ]
+
+
+@dataclass
+class CFGRows:
+    """How a batch extends the plain forward for classifier-free guidance; built by `mmdiff.conditioning`, which owns
+    the CFG batch (`GuidedDenoiser`, `forward_with_dropout`).
+
+    null: the first `null` rows of the batch are conditioned on the learned null context (the unconditional branch);
+        the context, its cache and its mask then cover only the other rows. A one-token null context costs nothing
+        per token: cross-attention to a single key returns its value for every query, so those rows get one constant
+        per block (exactly what attending gives).
+    null_outputs: precomputed `MMDiTModel.null_outputs(kind)` for the null rows (once per sampling call).
+    repeat: (K,) indices into `sample`; the batch is then `cat([sample[repeat], sample])` (and the same for a per-row
+        timestep), i.e. `sample` holds only the distinct rows. For a CFG batch, whose unconditional rows repeat the
+        conditional rows' latents and timestep: the embeddings and the first block's self-attention, which do not
+        see the context, run once per distinct row (exact).
+    """
+
+    null: int = 0
+    null_outputs: list[torch.Tensor] | None = None
+    repeat: torch.Tensor | None = None
 
 
 class TimestepEmbedder(nn.Module):
@@ -281,7 +304,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
 
     def null_outputs(self, kind: str) -> list[torch.Tensor]:
         """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
-        sampling call and pass it to `forward(..., null_rows=..., null_outputs=...)`.
+        sampling call and pass it to `forward(..., cfg_rows=CFGRows(null=..., null_outputs=...))`.
 
         One-token null context: the block's cross-attention output (1, D), the same for every query. Longer: the
         block's null keys and values stacked, (2, 1, H, n_null, d), which `forward` prepends to the other rows' K/V.
@@ -302,9 +325,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         context_kv: list[ContextCache] | None = None,
-        null_rows: int = 0,
-        null_outputs: list[torch.Tensor] | None = None,
-        repeat_rows: torch.Tensor | None = None,
+        cfg_rows: CFGRows | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -315,15 +336,8 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             context_mask: (N, S) bool key padding mask.
             context_kv: precomputed `context_kv(context, ...)` (keys/values or absorbed); when given, `context` is not
                 needed, and an absorbed cache carries its own mask.
-            null_rows: the first `null_rows` rows of `sample` are conditioned on the learned null context (the
-                unconditional half of a CFG batch); `context`/`context_kv`/`context_mask` then cover only the other
-                rows. A one-token null context costs nothing per token: cross-attention to a single key returns its
-                value for every query, so those rows get one constant per block (exactly what attending gives).
-            null_outputs: precomputed `null_outputs(kind)` for `null_rows` (compute it once per sampling call).
-            repeat_rows: (K,) indices into `sample`; the batch is then `cat([sample[repeat_rows], sample])` (and the
-                same for a per-row `timestep`), i.e. `sample` holds only the distinct rows. For a CFG batch, whose
-                unconditional rows repeat the conditional rows' latents and timestep: the embeddings and the first
-                block's self-attention, which do not see the context, run once per distinct row (exact).
+            cfg_rows: the rows a classifier-free-guidance batch adds (`CFGRows`); only `mmdiff.conditioning` builds
+                them.
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
@@ -336,13 +350,15 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
         cond = self.t_embedder(t) + self.task_embed(task)  # (N, D)
+        cfg_rows = cfg_rows or CFGRows()
+        null_rows, null_outputs, repeat_rows = cfg_rows.null, cfg_rows.null_outputs, cfg_rows.repeat
         if repeat_rows is not None:  # from here on the batch is cat([rows repeated, sample]); x follows in block 0
             repeat_rows = torch.as_tensor(repeat_rows, dtype=torch.long).reshape(-1)
             # checked on the host only: on an accelerator the check would sync every sampling step (indexing still
             # fails there on a bad index, less readably)
             if repeat_rows.device.type == "cpu" and repeat_rows.numel():
                 if not (0 <= int(repeat_rows.min()) and int(repeat_rows.max()) < n):
-                    raise ValueError(f"repeat_rows must index the {n} rows of sample, got {repeat_rows.tolist()}")
+                    raise ValueError(f"cfg_rows.repeat must index the {n} rows of sample, got {repeat_rows.tolist()}")
             repeat_rows = repeat_rows.to(x.device)
             cond = torch.cat([cond[repeat_rows], cond])
             n = n + repeat_rows.numel()
@@ -379,7 +395,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         rows = context_kv[0][0].shape[0]
         if not isinstance(null_rows, int) or null_rows < 0 or null_rows + rows != batch:
             raise ValueError(
-                f"null_rows={null_rows} plus the context's {rows} rows must equal the batch of {batch} samples"
+                f"cfg_rows.null={null_rows} plus the context's {rows} rows must equal the batch of {batch} samples"
             )
         per_block = null_outputs or self.null_outputs(kind)
         n_null = (self.null_text_context if kind == "text" else self.null_image_context).shape[0]

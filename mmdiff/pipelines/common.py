@@ -14,9 +14,8 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from ..conditioning.text import TextConditioner, frozen_token_budget
 from ..data.loader import prepare_image
-from ..data.tokenizer import encode_captions
-from ..models.text_encoders import encode_with_frozen_encoder, tokenize_for_frozen_encoder
 from ..models.vae import encode_latents, vae_downsample_factor
 from .loading import PipelineLoadError, check_pipeline_folder, load_error
 
@@ -80,33 +79,18 @@ class MMDiffPipelineBase(DiffusionPipeline):
     @property
     def frozen_max_length(self) -> int:
         """Token budget of the frozen text encoder: its position limit, capped by its tokenizer's."""
-        config = self.text_encoder.config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "context_length", None) or 512
-        if self.text_encoder_tokenizer is not None:
-            limit = min(limit, self.text_encoder_tokenizer.model_max_length)
-        return limit
+        return frozen_token_budget(self.text_encoder, self.text_encoder_tokenizer)
+
+    @property
+    def text_conditioner(self) -> TextConditioner:
+        """Captions -> text context, with this pipeline's caption tokenizer and (optional) frozen encoder."""
+        return TextConditioner(self.tokenizer, self.text_encoder, self.text_encoder_tokenizer)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text context for text-to-image: (N, S, D) and its key mask (N, S). Empty prompts (also those of pad tokens
         only) get the null context."""
-        device = self._execution_device
-        if self.text_encoder is not None:
-            ids, mask = tokenize_for_frozen_encoder(self.text_encoder_tokenizer, prompts, self.frozen_max_length)
-            hidden = encode_with_frozen_encoder(self.text_encoder, ids.to(device), mask.to(device))
-            context, key_mask = self.transformer.encode_external_text(
-                hidden.to(self.transformer.dtype), mask.to(device)
-            )
-        else:
-            ids, _ = encode_captions(self.tokenizer, prompts, self.transformer.config.max_text_length)
-            ids = ids.to(device)
-            context, key_mask = self.transformer.encode_text(ids, ids != self.tokenizer.pad_token_id)
-        # a prompt of nothing but pad tokens ("[PAD]") leaves its row no key to attend to, and softmax over no keys is
-        # NaN: like an empty prompt, it gets the null context
-        empty = torch.tensor([not p.strip() for p in prompts], device=device) | ~key_mask.any(1)
-        if empty.any():
-            context, key_mask = self.transformer.drop_context(context, key_mask, empty, "text")
-        return context, key_mask
+        return self.text_conditioner.encode_prompts(self.transformer, prompts, self._execution_device)
 
     def preprocess_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """Images -> (N, 3, S, S) in [-1, 1] at the model's resolution S (shorter side resized, centre crop).

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
+from ..conditioning.guided import GuidedDenoiser
 from ..data.tokenizer import decode_captions, encode_captions
-from ..diffusion.guidance import classifier_free_guidance, guidance_active
 from ..diffusion.masked import REMASKING
 from .common import (
     ImageInput,
@@ -112,41 +112,25 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         # 3. initial caption: the fixed prompt tokens, masks everywhere else
         ids, fixed, blanks = self.initial_tokens(prompt, batch, max_length, device)
 
-        # 4. the image context's K/V, computed once for the call; the unconditional branch is the null image
-        # context, which the transformer handles itself (`null_rows`)
-        use_cfg = guidance_scale != 1.0 and image is not None
-        cond_kv = self.transformer.context_kv(context, context_mask, absorb=None)
-        null_outputs = self.transformer.null_outputs("image") if use_cfg else None
-        cfg_pairs = torch.arange(batch, device=device)  # the null rows repeat these rows (`repeat_rows`)
+        # 4. the guided denoiser: the image context's K/V once for the call; the unconditional branch is the learned
+        # null image context (no image: unconditional captions, nothing to guide)
+        denoiser = GuidedDenoiser(
+            self.transformer,
+            context,
+            context_mask,
+            "text",
+            [guidance_scale if image is not None else 1.0],
+            guidance_interval=guidance_interval,
+            cache_context=self.cache_context_kv,
+        )
 
         # 5. unmask
         self.text_scheduler.set_timesteps(num_inference_steps, device=device)
         confidences = fixed.float()
         mask_id, pad_id = self.mask_token_id, self.tokenizer.pad_token_id
-        self._num_forward_rows = 0
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(self.text_scheduler.timesteps):
-                kv = (
-                    cond_kv
-                    if self.cache_context_kv
-                    else self.transformer.context_kv(context, context_mask, absorb=None)
-                )
-                if use_cfg and guidance_active(float(t), guidance_scale, guidance_interval):
-                    logits = self.transformer(  # rows [ids on the null image context; ids on the image]
-                        ids,
-                        t,
-                        context_mask=context_mask,
-                        context_kv=kv,
-                        null_rows=batch,
-                        null_outputs=null_outputs,
-                        repeat_rows=cfg_pairs,
-                    )
-                    uncond_logits, cond_logits = logits.float().chunk(2)
-                    logits = classifier_free_guidance(cond_logits, uncond_logits, guidance_scale)
-                    self._num_forward_rows += 2 * batch
-                else:
-                    logits = self.transformer(ids, t, context_mask=context_mask, context_kv=kv).float()
-                    self._num_forward_rows += batch
+                logits = denoiser(ids, t)
                 # a template blank is a word: pad there would cut the caption short
                 logits[..., pad_id] = logits[..., pad_id].masked_fill(blanks, float("-inf"))
                 prev, step_conf = self._step(logits, t, ids, generator, temperature, remasking)
@@ -157,6 +141,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                     out = callback_on_step_end(self, i, t, {"token_ids": ids})
                     ids = (out or {}).get("token_ids", ids)
                 progress.update()
+        self._num_forward_rows = denoiser.num_forward_rows
 
         # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree. Guided logits
         # that overflowed pick tokens from NaN probabilities: refuse those captions rather than return them

@@ -14,9 +14,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..conditioning.guided import GuidedDenoiser
 from ..diffusion.gaussian import timestep_to_t
-from ..diffusion.guidance import classifier_free_guidance, guidance_active
-from ..models.transformer import select_context_rows
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import (
     MMDiffPipelineBase,
@@ -90,20 +89,20 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             the current latents.
         """
         latents = self._sample(
-            prompt,
-            negative_prompt,
-            [guidance_scale],
-            num_inference_steps,
-            guidance_interval,
-            guidance_rescale,
-            num_images_per_prompt,
-            height,
-            width,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            guidance_scales=[guidance_scale],
+            num_inference_steps=num_inference_steps,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )[1]
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
@@ -143,18 +142,18 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         if not scales:
             raise ValueError("guidance_scales must be a non-empty list of numbers, e.g. [1.0, 2.0, 4.0]")
         prompts, latents = self._sample(
-            prompt,
-            negative_prompt,
-            scales,
-            num_inference_steps,
-            guidance_interval,
-            guidance_rescale,
-            num_images_per_prompt,
-            height,
-            width,
-            generator,
-            latents,
-            output_type,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            guidance_scales=scales,
+            num_inference_steps=num_inference_steps,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt,
+            height=height,
+            width=width,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
         )
         groups = latents.chunk(len(scales))
         images = [self._postprocess(group, output_type) for group in groups]
@@ -198,6 +197,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
 
     def _sample(
         self,
+        *,
         prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None,
         guidance_scales: list[float],
@@ -237,25 +237,26 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         n, s = len(prompts), len(guidance_scales)
         generator = per_sample_generators(generator, n)
 
-        # 2. encode the prompt and the unconditional branch once: their cross-attention K/V are fixed for the call.
-        # Without a negative prompt the unconditional rows use the learned null context, which the transformer
-        # handles itself (`null_rows`): no K/V rows for it here.
+        # 2. encode the prompt and the unconditional branch once; the guided denoiser caches their cross-attention
+        # K/V for the call. Without a negative prompt the unconditional rows use the learned null context.
         context, context_mask = self.encode_prompt(prompts)
-        negative_rows = any(w != 1.0 for w in guidance_scales) and negative_prompt is not None
-        if negative_rows:
+        negative = None
+        if any(w != 1.0 for w in guidance_scales) and negative_prompt is not None:
             negatives = as_prompt_list(negative_prompt, n // num_images_per_prompt, "negative_prompt")
             uncond, uncond_mask = self.encode_prompt([p for p in negatives for _ in range(num_images_per_prompt)])
             length = max(context.shape[1], uncond.shape[1])
             context, context_mask = pad_context(context, context_mask, length)
-            uncond, uncond_mask = pad_context(uncond.to(context.dtype), uncond_mask, length)
-            # rows [negative of every group; cond of every group]: (2 S N, ...)
-            context = torch.cat([uncond.repeat(s, 1, 1), context.repeat(s, 1, 1)])
-            context_mask = torch.cat([uncond_mask.repeat(s, 1), context_mask.repeat(s, 1)])
-        else:
-            context, context_mask = context.repeat(s, 1, 1), context_mask.repeat(s, 1)
-        context_kv = self.transformer.context_kv(context, context_mask, absorb=None)
-        null_outputs = None if negative_rows else self.transformer.null_outputs("text")
-        rows = s * n  # conditional rows; the last `rows` rows of the context
+            negative = pad_context(uncond, uncond_mask, length)
+        denoiser = GuidedDenoiser(
+            self.transformer,
+            context,
+            context_mask,
+            "image",
+            guidance_scales,
+            negative=negative,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
+        )
 
         # 3. prepare latents: one draw of N, shared by every group of the sweep
         shape = (n, self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
@@ -274,51 +275,11 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         step_kwargs = self._step_kwargs(generator * s if isinstance(generator, list) else generator)
 
         # 4. denoise
-        self._num_forward_rows = 0
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for i, timestep in enumerate(self.scheduler.timesteps):
                 t = timestep_to_t(timestep, num_train).to(device)
-                model_input = self.scheduler.scale_model_input(latents, timestep)
-                active = [guidance_active(float(t), w, guidance_interval) for w in guidance_scales]
-                # unconditional rows only for the groups that are guided at this t
-                uncond_rows = torch.cat(
-                    [torch.arange(g * n, (g + 1) * n, device=device) for g in range(s) if active[g]]
-                    or [torch.zeros(0, dtype=torch.long, device=device)]
-                )
-                cond_start = context.shape[0] - rows
-                null_rows = 0
-                if not negative_rows:  # null-context rows (if any) first, then the conditional rows
-                    kv, mask, null_rows = context_kv, context_mask, len(uncond_rows)
-                elif all(active):  # every group guided: the cached K/V as they are
-                    kv, mask = context_kv, context_mask
-                elif not any(active):  # conditional rows only: views of the cache, no copy
-                    kv = select_context_rows(context_kv, slice(cond_start, None))
-                    mask = context_mask[cond_start:]
-                else:
-                    keep = torch.cat([uncond_rows, torch.arange(cond_start, context.shape[0], device=device)])
-                    kv = select_context_rows(context_kv, keep)
-                    mask = context_mask[keep]
-                # the unconditional rows repeat latents of the conditional ones: the transformer forms them itself
-                # and shares what comes before the first cross-attention (`repeat_rows`)
-                pred = self.transformer(
-                    model_input,
-                    t,
-                    context_mask=mask,
-                    context_kv=kv,
-                    null_rows=null_rows,
-                    null_outputs=null_outputs,
-                    repeat_rows=uncond_rows if any(active) else None,
-                )
-                self._num_forward_rows += model_input.shape[0] + len(uncond_rows)
-                pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
-                guided, start = [], 0
-                for g, w in enumerate(guidance_scales):
-                    cond = pred_cond[g * n : (g + 1) * n]
-                    if active[g]:
-                        cond = classifier_free_guidance(cond, pred_uncond[start : start + n], w, guidance_rescale)
-                        start += n
-                    guided.append(cond)
-                latents = self.scheduler.step(torch.cat(guided), timestep, latents, **step_kwargs).prev_sample
+                guided = denoiser(self.scheduler.scale_model_input(latents, timestep), t)
+                latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents}
                     out = callback_on_step_end(
@@ -326,6 +287,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     )
                     latents = (out or {}).get("latents", latents)
                 progress.update()
+        self._num_forward_rows = denoiser.num_forward_rows
         return prompts, latents
 
     @property

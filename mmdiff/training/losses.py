@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 
+from ..conditioning.guided import forward_with_dropout
 from ..diffusion.gaussian import image_loss, noise_latents, sample_timesteps, timestep_to_t
 from ..diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
 from ..models.transformer import MMDiTModel
@@ -34,34 +36,15 @@ def image_task_loss(
     target: torch.Tensor,
     t: torch.Tensor,
     dropped: torch.Tensor,
-    input_ids: torch.Tensor,
-    pad_token_id: int,
-    text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    encode_text: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
     """The text -> image loss with condition dropout: MSE of the prediction for `noisy` (N, C, H, W) at `t` (N,).
 
-    Rows where `dropped` (N,) is True are conditioned on the null text context. They go first in the batch as the
-    model's `null_rows` (the loss is a mean, so the order does not matter): their captions are not encoded and their
-    cross-attention is one constant per block. `text_context`: a frozen encoder's projected context and mask; None
-    encodes `input_ids` with the joint text encoder.
+    Rows where `dropped` (N,) is True are conditioned on the null text context (`forward_with_dropout`: the loss is a
+    mean, so the row order it returns does not matter). `encode_text(rows)`: the text context of those rows.
     """
-    num_null = int(dropped.sum())
-    if num_null in (0, len(dropped)):
-        # none or all dropped: the plain formulation, which uses the text encoder and the null context even then, so
-        # that every parameter has a gradient in every process of a DDP run (a process whose batch happened to
-        # drop no caption would otherwise leave the null context without one)
-        if text_context is None:
-            text_context = model.encode_text(input_ids, input_ids != pad_token_id)
-        context, mask = model.drop_context(*text_context, dropped, "text")
-        return image_loss(model(noisy, t, context, mask), target)
-    order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
-    kept = order[num_null:]
-    if text_context is None:
-        context, mask = model.encode_text(input_ids[kept], input_ids[kept] != pad_token_id)
-    else:
-        context, mask = text_context[0][kept], text_context[1][kept]
-    prediction = model(noisy[order], t[order], context, mask, null_rows=num_null)
-    return image_loss(prediction, target[order])
+    prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text)
+    return image_loss(prediction, target if order is None else target[order])
 
 
 def joint_losses(
@@ -96,18 +79,30 @@ def joint_losses(
     noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
     noisy, target = noise_latents(noise_scheduler, latents, noise, timesteps)
     t_image = timestep_to_t(timesteps, noise_scheduler.config.num_train_timesteps).to(device)
-    loss_image = image_task_loss(model, noisy, target, t_image, dropped, input_ids, pad_token_id, text_context)
+
+    def encode_text(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if text_context is not None:
+            return text_context if rows is None else (text_context[0][rows], text_context[1][rows])
+        ids = input_ids if rows is None else input_ids[rows]
+        return model.encode_text(ids, ids != pad_token_id)
+
+    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text)
 
     # image -> text: the clean latents are the context, dropped with p = text_cond_drop
-    image_context = model.encode_image(latents)
-    context, context_mask = model.drop_context(
-        *image_context, drop_ids(n, weights.text_cond_drop, device, generator), "image"
-    )
+    dropped_images = drop_ids(n, weights.text_cond_drop, device, generator)
     t_text = sample_mask_levels(n, weights.mask_eps, device, generator)
     target_ids = input_ids if text_task_ids is None else text_task_ids
     masked_ids, is_masked = mask_tokens(target_ids, t_text, mask_token_id, generator)
-    logits = suppress_mask_logit(model(masked_ids, t_text, context, context_mask), mask_token_id)
-    loss_text = mdlm_loss(logits, target_ids, is_masked, t_text)
+    logits, order = forward_with_dropout(
+        model,
+        masked_ids,
+        t_text,
+        dropped_images,
+        lambda rows: model.encode_image(latents if rows is None else latents[rows]),
+    )
+    if order is not None:  # the rows as `forward_with_dropout` ran them; mdlm_loss sums over rows
+        target_ids, is_masked, t_text = target_ids[order], is_masked[order], t_text[order]
+    loss_text = mdlm_loss(suppress_mask_logit(logits, mask_token_id), target_ids, is_masked, t_text)
 
     loss = weights.image * loss_image + weights.text * loss_text
     return {"loss": loss, "loss_image": loss_image.detach(), "loss_text": loss_text.detach()}

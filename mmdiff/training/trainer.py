@@ -20,16 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..conditioning.text import TextConditioner
 from ..config import Config, check_paths, to_yaml
 from ..data.latents import check_latents_match, latents_from_batch, read_latents_meta
 from ..data.loader import SKIP_REASONS, make_dataloader
 from ..diffusion.gaussian import make_noise_scheduler
 from ..models.attention import set_attention_backend
 from ..models.text_encoders import (
-    encode_with_frozen_encoder,
     frozen_encoder_dim,
     load_frozen_text_encoder,
-    tokenize_for_frozen_encoder,
 )
 from ..models.vae import encode_latents
 from .checkpoint import (
@@ -122,6 +121,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         text_encoder.to(accelerator.device)
     set_seed(cfg.train.seed)  # the VAE stage ran only on the main process: re-align the RNG before model init
     model = build_model(cfg, tokenizer, vae, frozen_encoder_dim(text_encoder) if text_encoder is not None else None)
+    conditioner = TextConditioner(tokenizer, text_encoder, encoder_tokenizer, cfg.text_encoder.max_length)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -253,12 +253,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             else:
                 pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
                 latents = encode_latents(vae, pixels, generator=generator, sample=sample).float()
-            if text_encoder is not None:
-                enc_ids, enc_mask = tokenize_for_frozen_encoder(
-                    encoder_tokenizer, batch["captions"], cfg.text_encoder.max_length
-                )
-                enc_ids, enc_mask = enc_ids.to(accelerator.device), enc_mask.to(accelerator.device)
-                frozen_text = (encode_with_frozen_encoder(text_encoder, enc_ids, enc_mask).float(), enc_mask)
+            if conditioner.frozen:
+                frozen_text = conditioner.frozen_hidden(batch["captions"], accelerator.device)
         text_task_ids = batch["text_input_ids"].to(accelerator.device) if "text_input_ids" in batch else None
         return objective(latents, ids, frozen_text, generator, text_task_ids)
 

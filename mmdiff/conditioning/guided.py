@@ -1,0 +1,165 @@
+"""The classifier-free-guidance batch, built in one place for sampling, caption NLL and training.
+
+`GuidedDenoiser` wraps the model with a condition and its unconditional branch (in the spirit of k-diffusion's
+CFG wrappers): called with the noisy stream and t, it returns the guided prediction. Inside it the speed-ups that
+keep guidance cheap are applied once, for every caller:
+- the condition's cross-attention K/V are computed once per sampling call (`context_kv`);
+- the unconditional branch on the learned null context takes no K/V rows (`CFGRows.null`, one constant per block for
+  a one-token null context);
+- the unconditional rows repeat the conditional rows' noisy input, so what comes before the first cross-attention
+  runs once per distinct row (`CFGRows.repeat`);
+- outside the guidance interval (or at w = 1) only the conditional rows run;
+- several guidance scales (a sweep) share one forward: S groups of N conditional rows plus N unconditional rows per
+  group that is guided at this t.
+
+`forward_with_dropout` is the training counterpart: rows whose condition is dropped run on the learned null context
+(`CFGRows.null`), without encoding their condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..diffusion.guidance import classifier_free_guidance, guidance_active
+from ..models.transformer import CFGRows, MMDiTModel, select_context_rows
+
+# which null context stands in for a dropped condition of each noisy stream: images are conditioned on text, text on
+# images
+NULL_KIND = {"image": "text", "text": "image"}
+
+
+def stream_of(sample: torch.Tensor) -> str:
+    """ "image" for float latents, "text" for integer token ids (the model's own rule)."""
+    return "image" if torch.is_floating_point(sample) else "text"
+
+
+class GuidedDenoiser:
+    """model + condition + unconditional branch -> guided predictions, `denoiser(sample, t)`.
+
+    Args:
+        model: the MMDiTModel.
+        context, context_mask: the condition for N rows, (N, S, D) and (N, S).
+        stream: "image" (the sample is latents; the condition is text) or "text" (token ids; the condition is an image).
+        guidance_scales: one w per group of N rows (S groups, a sweep when S > 1); w = 1 is unguided.
+        negative: an explicit unconditional context and mask for the N rows (a negative prompt), padded to the
+            condition's length; None uses the learned null context.
+        guidance_interval: (t_low, t_high); outside it only the conditional rows run.
+        guidance_rescale: phi of Lin et al. 2024 (Gaussian predictions).
+        cache_context: False recomputes the condition's K/V at every call (only `mmdiff bench` sets it, to measure
+            what the cache saves; the output is the same).
+
+    Calling it with `sample` (S*N rows: group g holds rows g*N..(g+1)*N) and the model time t in [0, 1] (a scalar, or
+    (S*N,) per row when there is no guidance interval) returns the guided prediction for every row: float32 logits
+    for the text stream, the model's dtype for latents. `num_forward_rows` counts the rows the transformer ran.
+    """
+
+    def __init__(
+        self,
+        model: MMDiTModel,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        stream: str,
+        guidance_scales: Sequence[float] = (1.0,),
+        negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float = 0.0,
+        cache_context: bool = True,
+    ):
+        if stream not in NULL_KIND:
+            raise ValueError(f"stream must be one of {tuple(NULL_KIND)}, got {stream!r}")
+        self.model, self.stream = model, stream
+        self.scales = [float(w) for w in guidance_scales]
+        self.interval, self.rescale = guidance_interval, guidance_rescale
+        self.n, groups = context.shape[0], len(self.scales)
+        guided = any(w != 1.0 for w in self.scales)
+        self.negative_rows = guided and negative is not None
+        if self.negative_rows:  # rows [negative of every group; condition of every group]: (2 S N, ...)
+            uncond, uncond_mask = negative
+            context = torch.cat([uncond.to(context.dtype).repeat(groups, 1, 1), context.repeat(groups, 1, 1)])
+            context_mask = torch.cat([uncond_mask.repeat(groups, 1), context_mask.repeat(groups, 1)])
+        elif groups > 1:
+            context, context_mask = context.repeat(groups, 1, 1), context_mask.repeat(groups, 1)
+        self.context, self.context_mask = context, context_mask
+        self.cache_context = cache_context
+        self._kv = model.context_kv(context, context_mask, absorb=None) if cache_context else None
+        self.null_outputs = model.null_outputs(NULL_KIND[stream]) if guided and not self.negative_rows else None
+        self.num_forward_rows = 0
+
+    @property
+    def guided(self) -> bool:
+        return any(w != 1.0 for w in self.scales)
+
+    def active(self, t: torch.Tensor | float) -> list[bool]:
+        """Per group: whether the unconditional rows run at t."""
+        level = float(t) if self.interval is not None else 0.0  # a per-row t only without an interval
+        return [guidance_active(level, w, self.interval) for w in self.scales]
+
+    def __call__(self, sample: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        model, n, device = self.model, self.n, sample.device
+        kv = self._kv if self.cache_context else model.context_kv(self.context, self.context_mask, absorb=None)
+        mask = self.context_mask
+        active = self.active(t)
+        # unconditional rows only for the groups that are guided at this t
+        uncond_rows = torch.cat(
+            [torch.arange(g * n, (g + 1) * n, device=device) for g in range(len(active)) if active[g]]
+            or [torch.zeros(0, dtype=torch.long, device=device)]
+        )
+        rows = len(self.scales) * n  # conditional rows: the last `rows` rows of the context
+        cond_start = self.context.shape[0] - rows
+        null_rows = 0
+        if not self.negative_rows:  # null-context rows (if any) first, then the conditional rows
+            null_rows = len(uncond_rows)
+        elif not any(active):  # conditional rows only: views of the cache, no copy
+            kv, mask = select_context_rows(kv, slice(cond_start, None)), mask[cond_start:]
+        elif not all(active):
+            keep = torch.cat([uncond_rows, torch.arange(cond_start, self.context.shape[0], device=device)])
+            kv, mask = select_context_rows(kv, keep), mask[keep]
+        cfg_rows = None
+        if any(active):
+            cfg_rows = CFGRows(null=null_rows, null_outputs=self.null_outputs, repeat=uncond_rows)
+        pred = model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
+        self.num_forward_rows += sample.shape[0] + len(uncond_rows)
+        if self.stream == "text":
+            pred = pred.float()
+        pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+        if not len(uncond_rows):
+            return pred_cond
+        guided, start = [], 0
+        for g, w in enumerate(self.scales):
+            cond = pred_cond[g * n : (g + 1) * n]
+            if active[g]:
+                cond = classifier_free_guidance(cond, pred_uncond[start : start + n], w, self.rescale)
+                start += n
+            guided.append(cond)
+        return torch.cat(guided) if len(guided) > 1 else guided[0]
+
+
+def forward_with_dropout(
+    model: MMDiTModel,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    dropped: torch.Tensor,
+    encode: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training forward with condition dropout: rows where `dropped` (N,) is True see the learned null context.
+
+    `encode(rows)` returns the condition's context and mask for the given row indices (None: every row). Dropped rows
+    go first in the batch as the model's null rows (`CFGRows.null`): their conditions are not encoded and their
+    cross-attention is one constant per block. Returns the prediction and the row order it is in (None: the input
+    order); a loss that is a mean over rows reorders its target with it.
+
+    With none or every row dropped the plain formulation runs instead, which encodes every condition and uses the null
+    context even then, so that every parameter has a gradient in every process of a DDP run (a process whose batch
+    happened to drop no condition would otherwise leave the null context without one).
+    """
+    kind = NULL_KIND[stream_of(sample)]
+    num_null = int(dropped.sum())
+    if num_null in (0, len(dropped)):
+        context, mask = model.drop_context(*encode(None), dropped, kind)
+        return model(sample, t, context, mask), None
+    order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
+    context, mask = encode(order[num_null:])
+    t = t[order] if t.ndim else t
+    return model(sample[order], t, context, mask, cfg_rows=CFGRows(null=num_null)), order
