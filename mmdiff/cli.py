@@ -1,4 +1,4 @@
-"""The `mmdiff` command line: data, train, generate, caption, sample-pairs, vary, demo, bench."""
+"""The `mmdiff` command line: data, train, generate, caption, sample-pairs, vary, demo, bench, serve."""
 
 from __future__ import annotations
 
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.commands import add_eval_parsers
 
     add_eval_parsers(sub)
+    from .serve.command import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -180,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             from .eval.commands import run_eval_command
 
             return run_eval_command(args)
+        if args.cmd == "serve":
+            from .serve.command import run
+
+            return run(args)
         if args.cmd == "demo":
             from .demo import run_demo, run_shipped_demo
 

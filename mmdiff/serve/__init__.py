@@ -1,0 +1,1 @@
+"""`mmdiff serve`: a Gradio web demo of one saved pipeline folder (see `app.build_app` and `handlers`)."""

@@ -1,0 +1,364 @@
+"""The functions the web page calls, as plain Python: no Gradio here, so they are tested and reused directly.
+
+`ServeModel` holds both pipelines over one set of components, loaded once, and a lock: the model runs one request
+at a time (the page stays responsive; Gradio's queue holds the others). Every handler checks its input first and
+raises the pipeline's own one-line ValueError / TypeError for bad input; the page shows that line.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from ..pipelines import SCHEDULERS, MMDiffTextToImagePipeline, as_image_to_text
+from ..pipelines.schedulers import make_scheduler
+
+MAX_IMAGES = 16  # images per text -> image request
+MAX_SCALES = 12  # guidance scales per sweep
+MAX_STEPS = 200  # denoising steps per request
+MAX_CAPTIONS = 16  # unconditional captions per request
+MAX_PIXELS = 4096 * 4096  # uploads above this are refused before they are decoded
+SAVED = "as saved"  # the scheduler choice that keeps the folder's own scheduler
+
+# Progress reports (done, total) -> None; the page passes gr.Progress, tests pass nothing.
+Progress = Callable[[tuple[int, int]], Any] | None
+
+
+# Guidance methods of the sweep tab: name -> fn(model, sweep arguments) -> GuidanceSweepOutput.
+# Only classifier-free guidance exists today. A new method (once the pipelines have one) is one entry here with the
+# same signature; the page lists every key in its "Guidance method" menu.
+def _classifier_free(model: ServeModel, **kwargs) -> Any:
+    return model.t2i.guidance_sweep(**kwargs)
+
+
+GUIDANCE_METHODS: dict[str, Callable[..., Any]] = {"classifier-free guidance": _classifier_free}
+
+
+@dataclass
+class ServeModel:
+    """Both pipelines of one folder, sharing components, with the lock every model call takes."""
+
+    t2i: MMDiffTextToImagePipeline
+    folder: str = ""
+    samples: list[tuple[str, PIL.Image.Image, str]] = field(default_factory=list)  # (key, image, reference caption)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.i2t = as_image_to_text(self.t2i)
+        self.saved_scheduler = self.t2i.scheduler
+        self.t2i.set_progress_bar_config(disable=True)
+        self.i2t.set_progress_bar_config(disable=True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.t2i._execution_device
+
+    @property
+    def mask_token(self) -> str:
+        return self.t2i.tokenizer.mask_token
+
+    def generator(self, seed: Any) -> torch.Generator:
+        seed = _integer("seed", seed, 0, 2**63 - 1)
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def use_scheduler(self, name: str | None) -> str:
+        """Set the sampler for the next call (under the lock); returns the name it runs with."""
+        if not name or name == SAVED:
+            self.t2i.scheduler = self.saved_scheduler
+            return type(self.saved_scheduler).__name__
+        self.t2i.scheduler = make_scheduler(name, self.saved_scheduler.config)
+        return name
+
+
+def load_model(folder: str | Path, device: str | None = None, samples: str | Path | None = None) -> ServeModel:
+    """Load a saved pipeline folder once (PipelineLoadError / FileNotFoundError name the problem) and, when given,
+    the held-out sample images of a shard file (up to 16)."""
+    from ..pipelines.factory import load_pipeline
+
+    t2i = load_pipeline(str(folder), MMDiffTextToImagePipeline, device=device, progress=False)
+    return ServeModel(t2i, folder=str(folder), samples=read_samples(samples) if samples else [])
+
+
+def read_samples(spec: str | Path, count: int = 16) -> list[tuple[str, PIL.Image.Image, str]]:
+    """The first `count` records of image-caption shards: (key, image, reference caption), as `mmdiff demo` reads."""
+    from ..demo import _held_out
+
+    return [(key, image, caption) for key, image, caption, _ in _held_out(spec, count)]
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value:g}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    number = _number(name, value, low, high)
+    if number != int(number):
+        raise ValueError(f"{name} must be a whole number, got {value}")
+    return int(number)
+
+
+def parse_interval(low: Any, high: Any) -> tuple[float, float] | None:
+    """The optional guidance interval of two number fields: both empty = none; one empty is an error."""
+    if low is None and high is None:
+        return None
+    if low is None or high is None:
+        raise ValueError("guidance interval: give both t_low and t_high in [0, 1], or leave both empty")
+    return (_number("guidance interval t_low", low, 0, 1), _number("guidance interval t_high", high, 0, 1))
+
+
+def parse_scales(text: Any) -> list[float]:
+    """'1, 2, 3.5' -> [1.0, 2.0, 3.5]; commas or spaces between numbers."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("guidance scales: give a list of numbers, e.g. 1, 2, 3, 5")
+    scales = []
+    for part in text.replace(",", " ").split():
+        try:
+            scales.append(float(part))
+        except ValueError:
+            raise ValueError(f"guidance scales: {part!r} is not a number (give e.g. 1, 2, 3, 5)") from None
+    if len(scales) > MAX_SCALES:
+        raise ValueError(f"guidance scales: at most {MAX_SCALES} scales per sweep, got {len(scales)}")
+    return [_number("guidance scale", w, 0, 100) for w in scales]
+
+
+def check_prompt(prompt: Any, unconditional: bool) -> str:
+    """The prompt, stripped; '' only when unconditional samples were asked for."""
+    if unconditional:
+        return ""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: type a caption, or tick 'unconditional' for samples of p(image)")
+    return prompt.strip()
+
+
+def read_image_file(path: Any) -> PIL.Image.Image:
+    """An uploaded file as an RGB PIL image; a non-image, damaged or huge file is one ValueError naming the file."""
+    if not isinstance(path, str | Path):
+        raise TypeError(f"expected an uploaded file, got {type(path).__name__}")
+    name = Path(path).name
+    try:
+        image = PIL.Image.open(path)
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{name} is not an image (upload a .png, .jpg, .webp, ... file)") from None
+    except (OSError, ValueError) as err:  # PIL's own DecompressionBombError above its limit is a ValueError
+        raise ValueError(f"{name} cannot be read as an image: {err}") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{name} is too large ({width} x {height} pixels); the limit is {MAX_PIXELS:,} pixels")
+    try:
+        image.load()
+    except Exception as err:  # damaged files raise OSError, SyntaxError, EOFError, ...
+        raise ValueError(f"{name} is damaged: {type(err).__name__}: {err}") from None
+    return image.convert("RGB")
+
+
+def _step_callback(progress: Progress, total: int) -> Callable | None:
+    if progress is None:
+        return None
+
+    def callback(pipe, step, timestep, tensors):
+        progress((step + 1, total))
+        return {}
+
+    return callback
+
+
+# ------------------------------------------------------------------ text -> image
+
+
+def generate(
+    model: ServeModel,
+    prompt: str,
+    negative_prompt: str = "",
+    guidance_scale: float = 3.0,
+    steps: int = 25,
+    scheduler: str = SAVED,
+    seed: int = 0,
+    num_images: int = 4,
+    interval_low: float | None = None,
+    interval_high: float | None = None,
+    unconditional: bool = False,
+    progress: Progress = None,
+) -> tuple[list[tuple[PIL.Image.Image, str]], dict[str, Any]]:
+    """Images for one prompt: [(image, label)] for the gallery and the settings that made them."""
+    prompt = check_prompt(prompt, unconditional)
+    negative = negative_prompt.strip() if isinstance(negative_prompt, str) and negative_prompt.strip() else None
+    scale = _number("guidance scale", guidance_scale, 0, 100)
+    steps = _integer("steps", steps, 1, MAX_STEPS)
+    count = _integer("number of images", num_images, 1, MAX_IMAGES)
+    interval = parse_interval(interval_low, interval_high)
+    if scheduler not in (SAVED, None, "") and scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {[SAVED, *SCHEDULERS]}")
+    generator = model.generator(seed)
+    with model.lock:
+        sampler = model.use_scheduler(scheduler)
+        images = model.t2i(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            guidance_interval=interval,
+            num_images_per_prompt=count,
+            generator=generator,
+            callback_on_step_end=_step_callback(progress, steps),
+        ).images
+    settings = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "guidance_scale": scale,
+        "guidance_interval": list(interval) if interval else None,
+        "steps": steps,
+        "scheduler": sampler,
+        "seed": int(seed),
+        "num_images": count,
+        "size": list(images[0].size),
+    }
+    return [(image, f"seed {int(seed)} · #{i} · w = {scale:g}") for i, image in enumerate(images)], settings
+
+
+# ------------------------------------------------------------------ guidance sweep
+
+
+def benchmark_scores(model: ServeModel, prompt: str, images: list[PIL.Image.Image], seed: int) -> dict | None:
+    """What the model's benchmark computes for these images of one prompt (find_benchmark decides from the
+    prompt whether one reads it), or None when no benchmark does."""
+    from ..eval.benchmarks import find_benchmark
+    from ..eval.records import EvalRecords
+
+    records = EvalRecords("", keys=["prompt"], images=[], prompts=[prompt], references=[[prompt]], attributes=[None])
+    benchmark = find_benchmark(records)
+    if benchmark is None:
+        return None
+    scores = benchmark.image_metrics(images, [prompt] * len(images), model.t2i.image_size, seed)
+    return {"benchmark": benchmark.name, **{k: v for k, v in scores.items() if isinstance(v, int | float)}}
+
+
+SCORE_KEYS = ("prompt_accuracy", "count", "colors", "shapes", "sizes", "relation")
+
+
+def sweep(
+    model: ServeModel,
+    prompt: str,
+    scales: str = "1, 2, 3, 5",
+    seed: int = 0,
+    steps: int = 25,
+    images_per_scale: int = 1,
+    method: str = "classifier-free guidance",
+    progress: Progress = None,
+) -> tuple[list[tuple[PIL.Image.Image, str]], list[list[Any]], list[str], str]:
+    """One prompt and seed across guidance scales: gallery [(image, 'w = 2')], a table (one row per scale) with its
+    header, and a note saying which benchmark scored the images (or that none could)."""
+    prompt = check_prompt(prompt, unconditional=False)
+    scale_list = parse_scales(scales)
+    steps = _integer("steps", steps, 1, MAX_STEPS)
+    per_scale = _integer("images per scale", images_per_scale, 1, 8)
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; choose one of {list(GUIDANCE_METHODS)}")
+    generator = model.generator(seed)
+    if progress is not None:
+        progress((0, 1))
+    with model.lock:
+        model.use_scheduler(SAVED)
+        out = GUIDANCE_METHODS[method](
+            model,
+            prompt=prompt,
+            guidance_scales=scale_list,
+            num_inference_steps=steps,
+            num_images_per_prompt=per_scale,
+            generator=generator,
+        )
+    gallery = [(image, f"w = {w:g}") for w, group in zip(out.guidance_scales, out.images) for image in group]
+    header = ["guidance scale"]
+    rows: list[list[Any]] = []
+    note = "no benchmark reads this prompt: images only (the shapes benchmark reads shapes captions)"
+    for w, group in zip(out.guidance_scales, out.images):
+        scores = benchmark_scores(model, prompt, list(group), int(seed))
+        row: list[Any] = [w]
+        if scores is not None:
+            keys = [k for k in SCORE_KEYS if k in scores] or [k for k in scores if k not in ("benchmark", "num")]
+            header = ["guidance scale", *keys]
+            row += [round(float(scores[k]), 3) for k in keys]
+            note = f"scores from the {scores['benchmark']} benchmark (fraction of the {per_scale} image(s) per scale)"
+        rows.append(row)
+    return gallery, rows, header, note
+
+
+# ------------------------------------------------------------------ image -> text
+
+
+def caption(
+    model: ServeModel,
+    image_file: str | None = None,
+    sample: str | None = None,
+    guidance_scale: float = 2.0,
+    steps: int | None = 16,
+    remasking: str = "low_confidence",
+    temperature: float = 0.0,
+    fixed_words: str = "",
+    unconditional: bool = False,
+    num_unconditional: int = 4,
+    seed: int = 0,
+    progress: Progress = None,
+) -> tuple[list[str], str]:
+    """Captions of an uploaded file or a held-out sample (its label from `sample_labels`), or unconditional ones;
+    returns the captions and a line about where they came from."""
+    scale = _number("guidance scale", guidance_scale, 0, 100)
+    steps = _integer("steps", steps, 1, MAX_STEPS)
+    temperature = _number("temperature", temperature, 0, 10)
+    prompt = fixed_words.strip() if isinstance(fixed_words, str) and fixed_words.strip() else None
+    if unconditional:
+        image, num, source = None, _integer("unconditional captions", num_unconditional, 1, MAX_CAPTIONS), "p(text)"
+    elif image_file:
+        image, num, source = read_image_file(image_file), None, f"the uploaded {Path(image_file).name}"
+    elif sample:
+        key, image, reference = sample_by_label(model, sample)
+        num, source = None, f"held-out sample {key} (reference: {reference!r})"
+    else:
+        raise ValueError("no image: upload one, pick a held-out sample, or tick 'unconditional'")
+    generator = model.generator(seed)
+    with model.lock:
+        text = model.i2t(
+            image,
+            prompt=prompt,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            remasking=remasking,
+            temperature=temperature,
+            num_captions=num,
+            generator=generator,
+            callback_on_step_end=_step_callback(progress, steps),
+        ).text
+    return text, f"{len(text)} caption(s) of {source}, w = {scale:g}, {steps} steps, {remasking}"
+
+
+def sample_labels(model: ServeModel) -> list[str]:
+    return [f"{i}: {reference}" for i, (_, _, reference) in enumerate(model.samples)]
+
+
+def sample_by_label(model: ServeModel, label: str) -> tuple[str, PIL.Image.Image, str]:
+    try:
+        return model.samples[int(str(label).split(":", 1)[0])]
+    except (ValueError, IndexError):
+        raise ValueError(f"no held-out sample {label!r}") from None
+
+
+def preview(model: ServeModel, image_file: str | None, sample: str | None) -> PIL.Image.Image | None:
+    """The image a caption request would read (for the page's preview); None when there is none yet."""
+    if image_file:
+        return read_image_file(image_file)
+    if sample:
+        return sample_by_label(model, sample)[1]
+    return None
