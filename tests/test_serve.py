@@ -1,7 +1,8 @@
 """`mmdiff serve`: the handler functions on the shipped model, the command's errors, and the page in a real
 headless Chromium (Selenium + Debian's chromium-driver; skipped with the reason when they are not installed).
 
-MMDIFF_SERVE_SCREENSHOT=assets/serve_screenshot.png pytest tests/test_serve.py also writes the README's screenshot.
+MMDIFF_SERVE_SCREENSHOT=assets/serve_screenshot.png pytest tests/test_serve.py -k generates also writes the
+README's screenshot.
 """
 
 from __future__ import annotations
@@ -269,7 +270,12 @@ def test_page_generates_images(server, browser):
     settings = "".join(browser.find_element(By.ID, "t2i-settings").text.split())
     assert '"steps":3,' in settings and '"guidance_scale":4' in settings and '"num_images":3,' in settings
     screenshot = os.environ.get("MMDIFF_SERVE_SCREENSHOT")
-    if screenshot:
+    if screenshot:  # the README's picture: the default 4 images at the model's 25 steps
+        _set(browser, "#t2i-steps input", 25)
+        _set(browser, "#t2i-count input", 4)
+        browser.find_element(By.ID, "t2i-run").click()
+        _wait(lambda: "seed 0 · #3 · w = 4" in _page_text(browser), what="4 images")
+        time.sleep(1)
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(screenshot)
         Image.open(screenshot).convert("RGB").quantize(96).save(screenshot, optimize=True)  # a small file

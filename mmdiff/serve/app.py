@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry, no calls out
 
 import functools  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
@@ -42,12 +43,20 @@ def _progress_reporter(progress: gr.Progress, what: str):
     return lambda done_total: progress(done_total, desc=what)
 
 
+def _shown_path(folder: str) -> str:
+    """The folder relative to the working directory when it lies under it (shorter in the page)."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return folder
+
+
 def build_app(model: ServeModel) -> gr.Blocks:
     """The page for one loaded model; launch with `launch(demo, host, port)` or `demo.launch(...)`."""
     scheduler_choices = [SAVED, *SCHEDULERS]
     with gr.Blocks(title="mmdiff", analytics_enabled=False) as demo:
         gr.Markdown(
-            f"# mmdiff\nModel: `{model.folder}`, {model.t2i.image_size} px images, on {model.device}. "
+            f"# mmdiff\nModel: `{_shown_path(model.folder)}`, {model.t2i.image_size} px images, on {model.device}. "
             "Guidance scale w = 1 means no guidance."
         )
         with gr.Tab("Text → image", id="t2i"):
@@ -61,6 +70,7 @@ def build_app(model: ServeModel) -> gr.Blocks:
 
 
 def _text_to_image_tab(model: ServeModel, scheduler_choices: list[str]) -> None:
+    defaults = model.defaults
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(
@@ -71,10 +81,17 @@ def _text_to_image_tab(model: ServeModel, scheduler_choices: list[str]) -> None:
             )
             negative = gr.Textbox(label="Negative prompt (optional)", lines=1)
             unconditional = gr.Checkbox(label="Unconditional (ignore the prompt: samples of p(image))", value=False)
-            scale = gr.Slider(0, 10, value=3.0, step=0.1, label="Guidance scale w", elem_id="t2i-scale")
+            scale = gr.Slider(
+                0, 10, value=defaults["guidance_scale"], step=0.1, label="Guidance scale w", elem_id="t2i-scale"
+            )
             with gr.Row():
                 steps = gr.Number(
-                    value=25, label="Steps", precision=0, minimum=1, maximum=handlers.MAX_STEPS, elem_id="t2i-steps"
+                    value=defaults["num_inference_steps"],
+                    label="Steps",
+                    precision=0,
+                    minimum=1,
+                    maximum=handlers.MAX_STEPS,
+                    elem_id="t2i-steps",
                 )
                 scheduler = gr.Dropdown(scheduler_choices, value=SAVED, label="Scheduler")
             with gr.Row():
@@ -82,8 +99,8 @@ def _text_to_image_tab(model: ServeModel, scheduler_choices: list[str]) -> None:
                 count = gr.Number(
                     value=4, label="Images", precision=0, minimum=1, maximum=handlers.MAX_IMAGES, elem_id="t2i-count"
                 )
+            use_interval = gr.Checkbox(label="Guidance interval: guide only while t_low ≤ t ≤ t_high", value=False)
             with gr.Row():
-                use_interval = gr.Checkbox(label="Guidance interval: guide only for t in [t_low, t_high]", value=False)
                 low = gr.Number(value=0.0, label="t_low", minimum=0, maximum=1, step=0.05)
                 high = gr.Number(value=1.0, label="t_high", minimum=0, maximum=1, step=0.05)
             run = gr.Button("Generate", variant="primary", elem_id="t2i-run")
@@ -112,6 +129,7 @@ def _text_to_image_tab(model: ServeModel, scheduler_choices: list[str]) -> None:
 
 
 def _sweep_tab(model: ServeModel) -> None:
+    defaults = model.defaults
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(
@@ -129,7 +147,12 @@ def _sweep_tab(model: ServeModel) -> None:
             with gr.Row():
                 seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
                 steps = gr.Number(
-                    value=25, label="Steps", precision=0, minimum=1, maximum=handlers.MAX_STEPS, elem_id="sweep-steps"
+                    value=defaults["num_inference_steps"],
+                    label="Steps",
+                    precision=0,
+                    minimum=1,
+                    maximum=handlers.MAX_STEPS,
+                    elem_id="sweep-steps",
                 )
                 per_scale = gr.Number(value=1, label="Images per scale", precision=0, minimum=1, maximum=8)
             run = gr.Button("Sweep", variant="primary", elem_id="sweep-run")
@@ -156,6 +179,7 @@ def _sweep_tab(model: ServeModel) -> None:
 
 def _image_to_text_tab(model: ServeModel) -> None:
     labels = handlers.sample_labels(model)
+    defaults = model.defaults
     mask = model.mask_token
     with gr.Row():
         with gr.Column(scale=2):
@@ -164,9 +188,13 @@ def _image_to_text_tab(model: ServeModel) -> None:
             shown = gr.Image(label="The image to caption", interactive=False, height=160, elem_id="i2t-preview")
             unconditional = gr.Checkbox(label="Unconditional captions (no image: samples of p(text))", value=False)
             num_uncond = gr.Number(value=4, label="How many", precision=0, minimum=1, maximum=handlers.MAX_CAPTIONS)
-            scale = gr.Slider(0, 10, value=2.0, step=0.1, label="Guidance scale w (on logits)")
+            scale = gr.Slider(
+                0, 10, value=defaults["caption_guidance_scale"], step=0.1, label="Guidance scale w (on logits)"
+            )
             with gr.Row():
-                steps = gr.Number(value=16, label="Steps", precision=0, minimum=1, elem_id="i2t-steps")
+                steps = gr.Number(
+                    value=defaults["caption_steps"], label="Steps", precision=0, minimum=1, elem_id="i2t-steps"
+                )
                 remasking = gr.Dropdown(["low_confidence", "random"], value="low_confidence", label="Remasking")
             with gr.Row():
                 temperature = gr.Number(value=0.0, label="Temperature (0 = argmax)", minimum=0)

@@ -26,6 +26,8 @@ MAX_STEPS = 200  # denoising steps per request
 MAX_CAPTIONS = 16  # unconditional captions per request
 MAX_PIXELS = 4096 * 4096  # uploads above this are refused before they are decoded
 SAVED = "as saved"  # the scheduler choice that keeps the folder's own scheduler
+# The page's starting values where the folder saves no sample settings (the shipped model's own).
+DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "caption_steps": 16, "caption_guidance_scale": 2.0}
 
 # Progress reports (done, total) -> None; the page passes gr.Progress, tests pass nothing.
 Progress = Callable[[tuple[int, int]], Any] | None
@@ -55,6 +57,12 @@ class ServeModel:
         self.saved_scheduler = self.t2i.scheduler
         self.t2i.set_progress_bar_config(disable=True)
         self.i2t.set_progress_bar_config(disable=True)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Steps and guidance scales for the page to start with: the folder's saved sample settings."""
+        saved = getattr(self.t2i, "sample_config", None)
+        return {key: getattr(saved, key, value) for key, value in DEFAULTS.items()}
 
     @property
     def device(self) -> torch.device:
