@@ -15,9 +15,6 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-# The values of `data.text_task_phrasings` (the loader checks them too, for direct use).
-TEXT_TASK_PHRASINGS = ("all", "left_first")
-
 
 @dataclass
 class DataConfig:
@@ -28,9 +25,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 0
     caption_choice: str = "random"  # "random" phrasing from the record's json, or always the "txt" caption
-    # Captions the image -> text task learns to generate: "all" phrasings (the same caption as text -> image), or
-    # "left_first": only phrasings that name the left/upper object first (shapes captions: no "right of"/"below").
-    # Text -> image keeps every phrasing. See README, "The shipped model" (relation binding).
+    # The caption policy (mmdiff.data.policies): which captions the image -> text task learns to generate. "all"
+    # phrasings (the same caption as text -> image), or the shapes dataset's "left_first": only phrasings that name
+    # the left/upper object first. Text -> image keeps every phrasing. See README, "The shipped model" (relation
+    # binding). Both data choices are checked when training starts (mmdiff.training.preflight).
     text_task_phrasings: str = "all"
     # Precomputed VAE latents of train_shards (`mmdiff data latents`). When set, the DiT trains from these shards
     # and skips the per-batch VAE encode; train_shards still feeds the tokenizer and tiny-VAE stages, val_shards stay
@@ -349,8 +347,6 @@ def validate(cfg: Config) -> None:
         "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
         "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
         "model.adaln": (cfg.model.adaln, ("single", "per_block")),
-        "data.caption_choice": (cfg.data.caption_choice, ("random", "txt")),
-        "data.text_task_phrasings": (cfg.data.text_task_phrasings, TEXT_TASK_PHRASINGS),
         "train.resume": (cfg.train.resume, ("auto", "never")),
         "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),
     }
@@ -383,41 +379,6 @@ def validate(cfg: Config) -> None:
                 f"data.image_size={cfg.data.image_size} must be a multiple of {downsampling * cfg.model.patch_size}: "
                 f"the tiny VAE's downsampling {downsampling} (from vae.block_out_channels) x model.patch_size"
             )
-
-
-def check_paths(cfg: Config) -> None:
-    """Fail at start, naming the key, when a configured input does not exist (not later, deep in a worker).
-
-    Checks the train/val/latent shard specs (a missing folder, an empty folder, a glob or brace pattern matching
-    nothing), the latent shards' meta file, and every configured local model folder. Kept out of :func:`load_config`
-    because sampling commands load the training config of a checkpoint on machines where its data is absent.
-    """
-    from .data.loader import expand_urls  # torch/PIL: imported only when training actually starts
-
-    shard_specs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train_shards", "val_shards", "latent_shards")]
-    for key, spec in shard_specs:
-        if spec is None:
-            continue
-        if not str(spec).strip():
-            raise ConfigError(f"{key} is empty: give a folder of .tar shards, a brace/glob pattern or a comma list")
-        try:
-            expand_urls(spec)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"{key}={spec!r}: {err}") from None
-    if cfg.data.latent_shards:
-        from .data.latents import read_latents_meta
-
-        try:
-            read_latents_meta(cfg.data.latent_shards)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"data.latent_shards={cfg.data.latent_shards!r}: {err}") from None
-    for key, path in (
-        ("vae.pretrained_path", cfg.vae.pretrained_path),
-        ("tokenizer.path", cfg.tokenizer.path),
-        ("text_encoder.path", cfg.text_encoder.path),
-    ):
-        if path and not Path(path).exists():
-            raise ConfigError(f"{key}={path!r} does not exist")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -30,7 +30,7 @@ def find_config(name: str) -> Path:
 
 
 def _held_out(spec: str | Path, count: int) -> list[tuple[str, object, str, dict | None]]:
-    from .data.loader import iterate_records
+    from .data.shards import iterate_records
 
     records = []
     for record in iterate_records(str(spec)):

@@ -183,7 +183,7 @@ def caption_command(args) -> int:
         raise ValueError(f"--num must be >= 1 (images to caption from --shards), got {args.num}")
     images, names = [], []
     if args.shards:
-        from .data.loader import expand_urls, iterate_records
+        from .data.shards import expand_urls, iterate_records
 
         for key, image, caption, _ in iterate_records(expand_urls(args.shards)):
             images.append(image)

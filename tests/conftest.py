@@ -118,8 +118,8 @@ def tiny_train_setup(tmp_path_factory) -> dict:
     The trainer skips a stage whose folder exists, so copying `stages/tokenizer` and `stages/vae` into a run folder
     (:func:`stage_run_dir`) makes runs start with the DiT and share exactly the same tokenizer and VAE.
     """
-    from mmdiff.data.loader import read_captions
     from mmdiff.data.shapes import write_shapes_shards
+    from mmdiff.data.shards import read_captions
     from mmdiff.training.vae_trainer import save_vae_atomically
 
     root = tmp_path_factory.mktemp("tiny_train")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmdiff.config import ConfigError, check_paths, load_config
+from mmdiff.config import ConfigError, load_config
+from mmdiff.training.preflight import check_paths
 
 
 def _cfg(tmp_path, *overrides):

@@ -13,28 +13,25 @@ import torch
 from conftest import write_tar
 from PIL import Image
 
+from mmdiff.data.captions import CaptionPolicy
+from mmdiff.data.dataset import make_dataloader
 from mmdiff.data.folder import convert_folder
-from mmdiff.data.loader import (
-    SkipStats,
-    expand_urls,
-    iterate_records,
-    left_first_phrasings,
-    make_dataloader,
-    prepare_image,
-    read_captions,
-    to_rgb,
-)
+from mmdiff.data.images import prepare_image, to_rgb
+from mmdiff.data.policies import caption_policy
 from mmdiff.data.shapes import (
     COLORS,
     RELATIONS,
     SHAPES,
     SIZES,
+    LeftFirstPolicy,
+    left_first_phrasings,
     object_extent,
     parse_caption,
     render_scene,
     scene_from_attributes,
     write_shapes_shards,
 )
+from mmdiff.data.shards import SkipStats, expand_urls, iterate_records, read_captions
 from mmdiff.data.tokenizer import decode_captions, train_word_level_tokenizer
 
 
@@ -192,7 +189,8 @@ def test_loader_reads_shapes_shards(shapes_dir, word_tok):
     val = str(out / "val")
     random_batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0)))
     assert random_batch["keys"] == list(stored)
-    txt_batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, caption_choice="txt", repeat=False)))
+    txt = CaptionPolicy("txt")
+    txt_batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, caption_policy=txt, repeat=False)))
     assert dict(zip(txt_batch["keys"], txt_batch["captions"])) == stored
     # Random phrasings describe the same scene as the stored caption, and do not always repeat it.
     assert [parse_caption(c) for c in random_batch["captions"]] == [parse_caption(c) for c in stored.values()]
@@ -208,14 +206,16 @@ def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shape
     # data.text_task_phrasings=left_first: the image -> text task gets a phrasing of the same scene that names the
     # left/upper object first (no "right of"/"below"); text -> image keeps the random phrasing
     val = str(shapes_dir[0] / "val")
+    left_first = caption_policy({"text_task_phrasings": "left_first"})
     plain = next(iter(make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0)))
     batch = next(
-        iter(
-            make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0, text_task_phrasings="left_first")
-        )
+        iter(make_dataloader(val, word_tok, 32, 24, 30, repeat=False, shuffle_buffer=0, caption_policy=left_first))
     )
-    assert "text_input_ids" not in plain and batch["text_input_ids"].shape == batch["input_ids"].shape
-    text_captions = decode_captions(word_tok, batch["text_input_ids"])
+    # every batch carries both: under the default policy the image -> text targets are the input captions
+    assert (
+        torch.equal(plain["target_ids"], plain["input_ids"]) and batch["target_ids"].shape == batch["input_ids"].shape
+    )
+    text_captions = decode_captions(word_tok, batch["target_ids"])
     assert [parse_caption(c) for c in text_captions] == [parse_caption(c) for c in batch["captions"]]
     assert not any(" right of " in c or " below " in c for c in text_captions)
     assert any(" right of " in c or " below " in c for c in batch["captions"])
@@ -224,7 +224,7 @@ def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shape
     assert left_first_phrasings(["a x right of a y", "a y left of a x"]) == ["a y left of a x"]
     assert left_first_phrasings(["a x", "there is a x"]) == ["a x", "there is a x"]
     with pytest.raises(ValueError, match="text_task_phrasings must be one of"):
-        make_dataloader(val, word_tok, 32, 24, 30, text_task_phrasings="sorted")
+        caption_policy({"text_task_phrasings": "sorted"})
     # records with only a .txt caption (your own data) keep it for the text task, also in a batch with shapes records
     src = tmp_path / "src"
     src.mkdir()
@@ -233,13 +233,83 @@ def test_left_first_text_task_captions_name_the_left_or_upper_object_first(shape
         (src / f"{name}.txt").write_text("a large red square")
     convert_folder(src, tmp_path / "mine", shard_size=2)
     mixed = [str(tmp_path / "mine" / "shard-000000.tar"), *expand_urls(val)]
-    loader = make_dataloader(
-        mixed, word_tok, 32, 24, 8, repeat=False, shuffle_buffer=0, text_task_phrasings="left_first"
-    )
+    loader = make_dataloader(mixed, word_tok, 32, 24, 8, repeat=False, shuffle_buffer=0, caption_policy=left_first)
     batch = next(iter(loader))
-    assert batch["text_input_ids"].shape == batch["input_ids"].shape
+    assert batch["target_ids"].shape == batch["input_ids"].shape
     plain_rows = [i for i, key in enumerate(batch["keys"]) if key in ("one", "two")]
-    assert plain_rows and all(torch.equal(batch["text_input_ids"][i], batch["input_ids"][i]) for i in plain_rows)
+    assert plain_rows and all(torch.equal(batch["target_ids"][i], batch["input_ids"][i]) for i in plain_rows)
+
+
+def test_default_caption_policy_gives_both_tasks_the_same_ids(shapes_dir, word_tok):
+    # the default policy (data.text_task_phrasings=all) for both caption choices: target ids are the input ids
+    val = str(shapes_dir[0] / "val")
+    for choice in ("random", "txt"):
+        policy = caption_policy({"caption_choice": choice})
+        assert policy == CaptionPolicy(choice) and type(policy) is CaptionPolicy
+        batch = next(iter(make_dataloader(val, word_tok, 32, 24, 30, caption_policy=policy, repeat=False)))
+        assert batch["target_ids"].shape == (30, 24) and torch.equal(batch["target_ids"], batch["input_ids"])
+        rng = random.Random(0)
+        assert all(len(set(policy.choose("a x", ["a y", "a z"], rng))) == 1 for _ in range(20))
+    assert caption_policy(None) == CaptionPolicy("random") and CaptionPolicy().reference("a x right of a y") == (
+        "a x right of a y"
+    )
+    assert caption_policy({"text_task_phrasings": "left_first"}, caption_choice="txt") == LeftFirstPolicy("txt")
+    with pytest.raises(ValueError, match="caption_choice must be"):
+        caption_policy({"caption_choice": "first"})
+
+
+def test_left_first_policy_never_targets_right_of_or_below(scenes):
+    # every scene, both choices, many draws: the image -> text target names the left/upper object first and describes
+    # the same scene as the input caption, which keeps every phrasing
+    inputs, targets = [], []
+    for choice in ("random", "txt"):
+        policy, rng = LeftFirstPolicy(choice), random.Random(7)
+        for _, attrs in scenes:
+            for _ in range(3):
+                caption, target = policy.choose(attrs["captions"][1], attrs["captions"], rng)
+                assert parse_caption(target) == parse_caption(caption) == scene_from_attributes(attrs)
+                inputs.append(caption)
+                targets.append(target)
+    assert not any(" right of " in t or " below " in t for t in targets)
+    assert any(" right of " in c for c in inputs) and any(" below " in c for c in inputs)
+    assert any(" left of " in t for t in targets) and any(" above " in t for t in targets)
+    # without phrasings (a plain txt caption) both tasks keep the caption, whatever it says
+    assert LeftFirstPolicy().choose("a x right of a y", [], random.Random(0)) == ("a x right of a y",) * 2
+    assert LeftFirstPolicy().reference("a small red circle below a large blue square") == (
+        "a large blue square above a small red circle"
+    )
+
+
+def test_generic_data_layer_knows_no_shapes_words():
+    # dataset-specific choices come from the dataset (its caption policy): the generic reader, the stream and the
+    # policy base neither name shapes relations nor import the shapes module, and the data layer never imports config
+    import ast
+    from pathlib import Path
+
+    import mmdiff.data
+
+    folder = Path(mmdiff.data.__file__).parent
+    for name in ("shards.py", "images.py", "writer.py", "dataset.py", "captions.py"):
+        source = (folder / name).read_text()
+        for word in ("right of", "left of", "below", "above", "left_first", "LeftFirst"):
+            assert word not in source, (name, word)
+        imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+        assert "mmdiff.data.shapes" not in imported, name
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m == "mmdiff.config" or m.startswith("mmdiff.config.") for m in modules), path.name
+
+
+def test_unknown_caption_policy_is_refused_when_training_starts(tmp_path):
+    from mmdiff.config import ConfigError, load_config
+    from mmdiff.training.preflight import preflight
+
+    for key, value in (("text_task_phrasings", "sorted"), ("caption_choice", "first")):
+        cfg = load_config(None, [f"data.train_shards={tmp_path}", f"data.{key}={value}"])
+        with pytest.raises(ConfigError, match=rf"data\.{key}='{value}' is not one of"):
+            preflight(cfg)
 
 
 def test_loader_deterministic_for_seed(shapes_dir, word_tok):
@@ -437,7 +507,7 @@ def test_convert_folder(tmp_path):
 
 
 def test_tar_member_names_escaping_the_folder_are_refused(tmp_path):
-    from mmdiff.data.shapes import write_tar_shard
+    from mmdiff.data.writer import write_tar_shard
 
     good = _png(Image.new("RGB", (8, 8)))
     members = [("../up.png", good), ("../up.txt", b"x"), ("/abs/p.png", good), ("/abs/p.txt", b"x")]
@@ -459,6 +529,27 @@ def test_tar_member_names_escaping_the_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match="1 image under .* none could be converted: 1 resolving outside the folder"):
         convert_folder(src, tmp_path / "converted")
     assert not (tmp_path / "converted").exists()
+
+
+def test_damaged_header_counts_the_shard_and_compressed_shards_read_whole(tmp_path):
+    import gzip
+
+    good = _png(Image.new("RGB", (8, 8)))
+    write_tar(tmp_path / "ok.tar", [(f"k{i}.{e}", d) for i in range(4) for e, d in (("png", good), ("txt", b"a box"))])
+    data = bytearray((tmp_path / "ok.tar").read_bytes())
+    # a damaged header mid-shard (tarfile stops there without a word): the shard counts as broken once and the
+    # record in progress (k2, its image read, its caption lost) is dropped
+    at = data.find(b"k2.txt")
+    data[at + 148 : at + 156] = b"garbage!"  # the header's checksum field
+    (tmp_path / "damaged.tar").write_bytes(bytes(data))
+    stats = SkipStats()
+    assert [key for key, *_ in iterate_records(str(tmp_path / "damaged.tar"), stats)] == ["k0", "k1"]
+    assert stats.as_dict() == {"corrupt_tar": 1}
+    # compressed shards have no block boundaries to check: read whole, nothing counted
+    (tmp_path / "ok.tgz").write_bytes(gzip.compress((tmp_path / "ok.tar").read_bytes()))
+    stats = SkipStats()
+    assert [key for key, *_ in iterate_records(str(tmp_path / "ok.tgz"), stats)] == ["k0", "k1", "k2", "k3"]
+    assert stats.as_dict() == {}
 
 
 @pytest.mark.parametrize("workers", [0, 2])

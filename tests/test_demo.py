@@ -13,7 +13,7 @@ from mmdiff.paths import VAL_SAMPLE, find_repo_file
 
 
 def test_shipped_val_sample_is_held_out_validation_data():
-    from mmdiff.data.loader import iterate_records
+    from mmdiff.data.shards import iterate_records
 
     records = list(iterate_records(str(find_repo_file(VAL_SAMPLE))))
     assert len(records) == 64

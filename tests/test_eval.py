@@ -13,6 +13,7 @@ import torch
 from PIL import ImageFilter
 
 from mmdiff.data.shapes import (
+    left_first_caption,
     parse_caption,
     render_objects,
     render_scene,
@@ -29,7 +30,7 @@ from mmdiff.eval import (
     render_prompt,
     score_image,
 )
-from mmdiff.eval.captions import left_first_caption, nll_references, relation_direction, trained_caption_phrasings
+from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_phrasings
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
 from mmdiff.eval.run import load_pipeline
 
@@ -115,7 +116,7 @@ def test_evaluator_rejects_extra_missing_and_wrong_objects(real_scenes):
 
 def test_perfect_model_scores_at_least_99_percent(val_shards):
     images, _, _ = load_real_scenes(val_shards[0])
-    from mmdiff.data.loader import iterate_records
+    from mmdiff.data.shards import iterate_records
 
     own_captions = [caption for _, _, caption, _ in iterate_records(val_shards[0])]  # any phrasing, as stored
     report = fidelity_report(images, own_captions)

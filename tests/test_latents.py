@@ -16,6 +16,8 @@ from conftest import write_tar
 from PIL import Image
 
 from mmdiff.cli import main
+from mmdiff.data.dataset import collate_batch, make_dataloader
+from mmdiff.data.images import prepare_image
 from mmdiff.data.latents import (
     META_FILE,
     LatentsMismatchError,
@@ -25,15 +27,9 @@ from mmdiff.data.latents import (
     npy_bytes,
     read_latents_meta,
 )
-from mmdiff.data.loader import (
-    SkipStats,
-    collate_batch,
-    iter_tar_records,
-    iterate_records,
-    make_dataloader,
-    prepare_image,
-)
-from mmdiff.data.shapes import png_bytes, write_tar_shard
+from mmdiff.data.shapes import png_bytes
+from mmdiff.data.shards import SkipStats, iterate_records, read_shard
+from mmdiff.data.writer import write_tar_shard
 from mmdiff.models.vae import encode_latents, load_vae, tiny_vae
 from mmdiff.training.vae_trainer import save_vae_atomically
 
@@ -65,7 +61,7 @@ def _latent_records(folder):
     """{key: (caption, mean, std)} read back with np.load(allow_pickle=False) only."""
     out = {}
     for shard in sorted(folder.glob("shard-*.tar")):
-        for rec in iter_tar_records(str(shard), Counter()):
+        for rec in read_shard(str(shard), Counter()):
             mean = np.load(io.BytesIO(rec["latents.npy"]), allow_pickle=False)
             std = np.load(io.BytesIO(rec["latents_std.npy"]), allow_pickle=False)
             out[rec["__key__"]] = (rec["txt"].decode(), torch.from_numpy(mean).float(), torch.from_numpy(std).float())

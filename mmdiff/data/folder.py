@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mmdiff.data.shapes import ShardSink
+from mmdiff.data.writer import ShardSink
 
 DEFAULT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -28,6 +28,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
+from mmdiff.data.images import prepare_image
+from mmdiff.data.shards import SkipStats, expand_urls, iterate_records
+from mmdiff.data.writer import ShardSink
 from mmdiff.models.vae import encode_posterior, load_vae, vae_downsample_factor
 
 LATENTS_EXT = "latents.npy"
@@ -143,16 +146,13 @@ def encode_shards_to_latents(
 ) -> dict[str, Any]:
     """Encode every usable record of image-caption shards into latent shards ``out_dir/shard-NNNNNN.tar``.
 
-    Images are prepared exactly as training prepares them (:func:`~mmdiff.data.loader.prepare_image` at
+    Images are prepared exactly as training prepares them (:func:`~mmdiff.data.images.prepare_image` at
     ``image_size``) and encoded in batches of ``batch_size`` by the VAE in float32; bad records are skipped and counted
     as the loader counts them. ``shard_size=None`` writes one latent shard per input shard (same record order, so a
     run from latents reads its data in the same order as a run from images); otherwise ``shard_size`` records each.
     ``dtype`` (float16 | float32) is the storage type. ``latents_meta.json`` is written last, so a folder without
     it is incomplete. Returns ``{"written", "skipped", "shards", "latent_shape", "out_dir", ...}``.
     """
-    from mmdiff.data.loader import SkipStats, expand_urls, iterate_records, prepare_image  # loader imports us
-    from mmdiff.data.shapes import ShardSink
-
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
@@ -227,8 +227,6 @@ def read_latents_meta(spec: str | os.PathLike | Iterable[str]) -> dict[str, Any]
     Every folder the shards are in must hold one, and all must name the same VAE, image size and latent shape.
     Raises FileNotFoundError naming the missing file, ValueError for remote shards or disagreeing folders.
     """
-    from mmdiff.data.loader import expand_urls  # loader imports this module
-
     urls = expand_urls(spec)
     if not all(os.path.isfile(u) for u in urls):
         raise ValueError("precomputed latent shards must be local files (their latents_meta.json is checked)")

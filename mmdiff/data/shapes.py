@@ -2,7 +2,8 @@
 
 Every attribute of a scene is known, so generated images (via a detector-free attribute check) and generated captions
 (via :func:`parse_caption`) can be scored exactly. Scenes hold one or two non-overlapping objects; with two objects
-the caption states an unambiguous spatial relation ("left of", "right of", "above", "below").
+the caption states an unambiguous spatial relation ("left of", "right of", "above", "below"). :class:`LeftFirstPolicy`
+is the dataset's caption policy for ``data.text_task_phrasings: left_first``.
 
 Image coordinates have x to the right and y downwards, so "A above B" means A's centre has the smaller y.
 """
@@ -15,12 +16,14 @@ import json
 import os
 import random
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from mmdiff.data.captions import CaptionPolicy
+from mmdiff.data.writer import ShardSink
 
 # Far apart in RGB (L1 distance >= 100 between any two) so an evaluator can classify colours from pixels.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -86,7 +89,7 @@ def scene_captions(objects: list[dict[str, Any]], relation: str | None) -> list[
     ]
 
 
-def _relation_of(dx: float, dy: float) -> str | None:
+def relation_of(dx: float, dy: float) -> str | None:
     """Relation of object A to object B given B.center - A.center, or None when neither axis clearly dominates."""
     if abs(dx) >= _DOMINANCE * abs(dy):
         return "left of" if dx > 0 else "right of"
@@ -134,7 +137,7 @@ def _sample_layout(rng: random.Random, image_size: int) -> tuple[list[dict[str, 
                     continue
                 dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
                 dy = (b[1] + b[2] / 2) - (a[1] + a[2] / 2)
-                if _relation_of(dx, dy) == relation:
+                if relation_of(dx, dy) == relation:
                     boxes = [a, b]
                     break
             if not boxes:
@@ -224,73 +227,53 @@ def parse_caption(text: str) -> dict[str, Any] | None:
     return normalize_scene(objects, relation)
 
 
+_RIGHT_OR_BELOW = re.compile(r"\b(?:right of|below)\b")
+
+
+def left_first_phrasings(phrasings: list[str]) -> list[str]:
+    """The phrasings that name the left (or upper) object first: no "right of" / "below" (all of them when every
+    phrasing has one, or none has a relation)."""
+    return [p for p in phrasings if not _RIGHT_OR_BELOW.search(p)] or phrasings
+
+
+def left_first_caption(caption: str) -> str:
+    """The canonical phrasing of a shapes caption's scene, which names the left (or upper) object first: "a A right
+    of a B" becomes "a B left of a A", "a A below a B" becomes "a B above a A" (the normalised scene, phrased by the
+    generator's `scene_captions`); a caption that does not parse is returned as it is."""
+    scene = parse_caption(caption)
+    if scene is None:
+        return caption
+    return scene_captions(scene["objects"], scene["relation"])[0]
+
+
+class LeftFirstPolicy(CaptionPolicy):
+    """``data.text_task_phrasings: left_first``: text -> image keeps every phrasing (as the default policy), the
+    image -> text task learns only phrasings that name the left (or upper) object first, so a captioner never has to
+    guess which of two equivalent word orders to start with. Records without phrasings keep their caption for both.
+
+    Draws: the default policy's (the input caption), then, for a record with phrasings and ``choice="random"``, one
+    more for the target among the left-first phrasings; ``choice="txt"`` takes the first of them.
+    """
+
+    name = "left_first"
+    reference_phrasing = "left_first"
+
+    def choose(self, caption: str, phrasings: list[str], rng: random.Random) -> tuple[str, str]:
+        caption, target = super().choose(caption, phrasings, rng)
+        if phrasings:
+            ordered = left_first_phrasings(phrasings)
+            target = rng.choice(ordered) if self.choice == "random" else ordered[0]
+        return caption, target
+
+    def reference(self, caption: str) -> str:
+        return left_first_caption(caption)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """Deterministic PNG encoding (no metadata, fixed compression level)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata so that the same samples give byte-identical tars on every run and machine.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tar_shard(path: str | os.PathLike, samples: list[dict[str, Any]]) -> None:
-    """Write samples ``{"__key__": str, ext: bytes, ...}`` as one deterministic webdataset tar, atomically.
-
-    A key that would make a member escape the folder the tar is extracted to (absolute, ``..``) is refused.
-    """
-    from mmdiff.data.loader import is_unsafe_member_name  # loader imports torch: only needed when writing
-
-    for sample in samples:
-        if is_unsafe_member_name(str(sample["__key__"])):
-            raise ValueError(f"refusing sample key {sample['__key__']!r}: it would escape the extraction folder")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for ext in sorted(k for k in sample if k != "__key__"):
-                _tar_member(tar, f"{key}.{ext}", sample[ext])
-    os.replace(tmp, path)
-
-
-class ShardSink:
-    """Collects samples and writes ``shard-000000.tar``, ``shard-000001.tar``, ... of ``shard_size`` samples each."""
-
-    def __init__(self, out_dir: str | os.PathLike, shard_size: int) -> None:
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.out_dir = Path(out_dir)
-        self.shard_size = shard_size
-        # Shards left by an earlier, larger run would otherwise be picked up by folder expansion as extra data.
-        for stale in self.out_dir.glob("shard-*.tar"):
-            stale.unlink()
-        self.pending: list[dict[str, Any]] = []
-        self.shards: list[str] = []
-        self.count = 0
-
-    def add(self, sample: dict[str, Any]) -> None:
-        self.pending.append(sample)
-        self.count += 1
-        if len(self.pending) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.out_dir / f"shard-{len(self.shards):06d}.tar"
-        write_tar_shard(path, self.pending)
-        self.shards.append(str(path))
-        self.pending = []
 
 
 def write_shapes_shards(

@@ -23,7 +23,9 @@ from PIL import Image
 
 from mmdiff.conditioning.guided import GuidedDenoiser
 from mmdiff.config import saved_pipeline_config
-from mmdiff.data.shapes import parse_caption, scene_captions
+from mmdiff.data.captions import CaptionPolicy
+from mmdiff.data.policies import caption_policy
+from mmdiff.data.shapes import parse_caption
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
 
@@ -58,31 +60,26 @@ def caption_metrics(predicted: list[str], references: list[dict[str, Any]], cano
 _OPPOSITE_WORD = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
-def left_first_caption(caption: str) -> str:
-    """The canonical phrasing of a shapes caption's scene, which names the left (or upper) object first: "a A right
-    of a B" becomes "a B left of a A", "a A below a B" becomes "a B above a A" (the normalised scene, phrased by the
-    generator's `scene_captions`); a caption that does not parse is returned as it is."""
-    scene = parse_caption(caption)
-    if scene is None:
-        return caption
-    return scene_captions(scene["objects"], scene["relation"])[0]
+def trained_caption_policy(model) -> CaptionPolicy:
+    """The caption policy a saved pipeline folder was trained with, from its saved `data` config (the default policy
+    when it does not say, or for a pipeline object): its captioner is scored on references phrased as it was taught."""
+    data = saved_pipeline_config(model).get("data") if isinstance(model, str | os.PathLike) else None
+    return caption_policy(data or {})
 
 
 def trained_caption_phrasings(model) -> str:
     """`data.text_task_phrasings` a saved pipeline folder was trained with ("all" when it does not say, or for a
-    pipeline object): a left-first captioner is scored on left-first references (`left_first_caption`)."""
-    if not isinstance(model, str | os.PathLike):
-        return "all"
-    return str((saved_pipeline_config(model).get("data") or {}).get("text_task_phrasings", "all"))
+    pipeline object)."""
+    return trained_caption_policy(model).name
 
 
 def nll_references(model, canonical: list[str]) -> tuple[list[str], str]:
-    """The reference captions the NLL bound is taken on, and their phrasing: the canonical captions, or their
-    left-first phrasings for a model trained on those (it gives "right of"/"below" phrasings little probability,
-    so their NLL would measure the phrasing, not the image)."""
-    if trained_caption_phrasings(model) == "left_first":
-        return [left_first_caption(c) for c in canonical], "left_first"
-    return list(canonical), "canonical"
+    """The reference captions the NLL bound is taken on, and their phrasing: the canonical captions as the model's
+    caption policy taught it to phrase them (`CaptionPolicy.reference`: unchanged, "canonical", or e.g. the
+    left-first phrasings for `left_first`, which gives "right of"/"below" phrasings little probability, so their NLL
+    would measure the phrasing, not the image)."""
+    policy = trained_caption_policy(model)
+    return [policy.reference(c) for c in canonical], policy.reference_phrasing
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 # The spatial rule of the generator itself, so that the detector can never disagree with the data about "above".
-from mmdiff.data.shapes import BACKGROUND, COLORS, _relation_of, normalize_scene, object_extent, parse_caption
+from mmdiff.data.shapes import BACKGROUND, COLORS, normalize_scene, object_extent, parse_caption, relation_of
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (K, 3)
 _PALETTE_NAMES = list(COLORS)
@@ -175,7 +175,7 @@ def detected_scene(objects: list[dict[str, Any]]) -> dict[str, Any]:
     relation = None
     if len(objects) == 2:
         (ax, ay), (bx, by) = objects[0]["center"], objects[1]["center"]
-        relation = _relation_of(bx - ax, by - ay)
+        relation = relation_of(bx - ax, by - ay)
     return normalize_scene(objects, relation)
 
 

@@ -23,9 +23,9 @@ from mmdiff.data.shapes import (
     _boxes_apart,
     _gap,
     _random_box,
-    _relation_of,
     object_extent,
     parse_caption,
+    relation_of,
     render_objects,
 )
 
@@ -46,7 +46,7 @@ def sample_layout_for_scene(scene: dict[str, Any], image_size: int, rng: random.
                 continue
             dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
             dy = (b[1] + b[2] / 2) - (a[1] + a[2] / 2)
-            if _relation_of(dx, dy) != scene["relation"]:
+            if relation_of(dx, dy) != scene["relation"]:
                 continue
         for obj, (x0, y0, ext) in zip(objects, boxes):
             obj["center"] = [x0 + ext / 2, y0 + ext / 2]

@@ -27,7 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from mmdiff.data.loader import prepare_image
+from mmdiff.data.images import prepare_image
 from mmdiff.data.tokenizer import encode_captions
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: a sharper softmax makes training unstable

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmdiff.data.loader import SkipStats, expand_urls, iterate_records, resize_center_crop
+from mmdiff.data.images import resize_center_crop
+from mmdiff.data.shards import SkipStats, expand_urls, iterate_records
 from mmdiff.data.tokenizer import encode_captions, train_word_level_tokenizer
 
 from .encoder_model import ContrastiveEvalEncoder, MMDiffEvalEncoder, contrastive_loss, default_channels

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from mmdiff.data.loader import SkipStats, iterate_records
+from mmdiff.data.shards import SkipStats, iterate_records
 
 
 @dataclass

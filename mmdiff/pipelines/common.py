@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..conditioning.text import TextConditioner, frozen_token_budget
-from ..data.loader import prepare_image
+from ..data.images import prepare_image
 from ..models.vae import encode_latents, vae_downsample_factor
 from .loading import PipelineLoadError, check_pipeline_folder, load_error
 

@@ -66,8 +66,8 @@ def joint_losses(
         text_context: a frozen encoder's projected context and mask, (N, S, D) and (N, S); None uses the joint
             text encoder on `input_ids`.
         generator: makes noise, timesteps and dropout reproducible (evaluation on a fixed batch).
-        text_task_ids: (N, L) the captions the image -> text task learns to generate, when they are other phrasings
-            than `input_ids` (`data.text_task_phrasings: left_first`); None: `input_ids`.
+        text_task_ids: (N, L) the captions the image -> text task learns to generate: a batch's `target_ids`, which
+            its caption policy chose (the same ids as `input_ids` under the default policy); None: `input_ids`.
     Returns:
         {"loss", "loss_image", "loss_text"}; "loss" is the weighted sum that is back-propagated.
     """
@@ -135,7 +135,7 @@ class JointObjective(torch.nn.Module):
         text_task_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """frozen_text: a frozen encoder's raw hidden states (N, S, E) and mask (N, S), projected here.
-        text_task_ids: the image -> text task's captions when they differ from `input_ids` (see `joint_losses`)."""
+        text_task_ids: the image -> text task's captions, a batch's `target_ids` (see `joint_losses`)."""
         text_context = self.model.encode_external_text(*frozen_text) if frozen_text is not None else None
         return joint_losses(
             self.model,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..data.loader import SKIP_REASONS, SkipStats
+from ..data.shards import SKIP_REASONS, SkipStats
 from .checkpoint import CheckpointError, list_checkpoints, load_training_state
 
 # Test hook: when set to a step number, the checkpoint save of that step blocks forever after writing part of its

@@ -12,7 +12,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..config import Config
-from ..data.loader import expand_urls, make_dataloader, read_captions
+from ..data.dataset import make_dataloader
+from ..data.shards import expand_urls, read_captions
 from ..data.tokenizer import build_tokenizer, load_tokenizer
 from ..models.transformer import MMDiTModel
 from ..models.vae import load_vae, tiny_vae, vae_downsample_factor

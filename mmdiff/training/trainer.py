@@ -21,9 +21,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..conditioning.text import TextConditioner
-from ..config import Config, check_paths, to_yaml
+from ..config import Config, to_yaml
+from ..data.dataset import make_dataloader
 from ..data.latents import check_latents_match, latents_from_batch, read_latents_meta
-from ..data.loader import SKIP_REASONS, make_dataloader
+from ..data.policies import caption_policy
+from ..data.shards import SKIP_REASONS
 from ..diffusion.gaussian import make_noise_scheduler
 from ..models.attention import set_attention_backend
 from ..models.text_encoders import (
@@ -40,6 +42,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .losses import JointObjective, LossWeights
+from .preflight import preflight
 from .resume import (
     NonFiniteLossError,
     any_process,
@@ -81,7 +84,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     `resume` (or `train.resume=auto`) continues from the newest complete checkpoint in `train.output_dir`; without
     it, a folder that already holds checkpoints is refused rather than silently mixed with a new run.
     """
-    check_paths(cfg)
+    preflight(cfg)
     resume = resume or cfg.train.resume == "auto"
     mixed = cfg.train.mixed_precision
     if mixed == "auto":
@@ -200,8 +203,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         num_workers=cfg.data.num_workers,
         seed=t.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        caption_choice=cfg.data.caption_choice,
-        text_task_phrasings=cfg.data.text_task_phrasings,
+        caption_policy=caption_policy(cfg.data),
         skip_batches=batches_consumed,
         latent_shape=latent_shape,
     )
@@ -218,8 +220,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     seed=0,
                     repeat=False,
                     shuffle_buffer=0,
-                    caption_choice="txt",
-                    text_task_phrasings=cfg.data.text_task_phrasings,
+                    caption_policy=caption_policy(cfg.data, caption_choice="txt"),
                     drop_last=False,
                 )
             )
@@ -255,7 +256,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 latents = encode_latents(vae, pixels, generator=generator, sample=sample).float()
             if conditioner.frozen:
                 frozen_text = conditioner.frozen_hidden(batch["captions"], accelerator.device)
-        text_task_ids = batch["text_input_ids"].to(accelerator.device) if "text_input_ids" in batch else None
+        text_task_ids = batch["target_ids"].to(accelerator.device)  # the caption policy's image -> text targets
         return objective(latents, ids, frozen_text, generator, text_task_ids)
 
     @torch.no_grad()

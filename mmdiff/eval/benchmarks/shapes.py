@@ -12,10 +12,10 @@ from typing import Any
 
 from PIL import Image
 
-from mmdiff.data.loader import iterate_records
-from mmdiff.data.shapes import parse_caption, scene_from_attributes
+from mmdiff.data.shapes import LeftFirstPolicy, parse_caption, scene_from_attributes
+from mmdiff.data.shards import iterate_records
 
-from ..captions import caption_metrics, nll_references, relation_direction, trained_caption_phrasings
+from ..captions import caption_metrics, nll_references, relation_direction, trained_caption_policy
 from ..detector import ATTRIBUTES, score_image
 from ..diversity import diversity_report
 from ..records import EvalRecords
@@ -84,7 +84,7 @@ class ShapesBenchmark(Benchmark):
         return metrics
 
     def caption_probes(self, pipe, records: EvalRecords, model, batch_size: int) -> dict[str, Any]:
-        if trained_caption_phrasings(model) == "left_first":
+        if isinstance(trained_caption_policy(model), LeftFirstPolicy):
             # a left-first captioner never says "right of"/"below": swapping that word asks about the phrasing
             return {"relation_direction": {"num": 0, "skipped": "the model was trained on left-first phrasings"}}
         return {"relation_direction": relation_direction(pipe, records.images, records.prompts, batch_size)}

@@ -1,0 +1,63 @@
+"""Checks run when training starts, before anything is written: the configured inputs exist and the data options
+name a known caption policy.
+
+They are not part of :func:`mmdiff.config.load_config`: sampling commands load the training config of a checkpoint
+on machines where its data is absent, and the configuration layer does not import the data layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config, ConfigError
+from ..data.captions import CAPTION_CHOICES, CaptionPolicy
+from ..data.latents import read_latents_meta
+from ..data.policies import TEXT_TASK_PHRASINGS, caption_policy
+from ..data.shards import expand_urls
+
+
+def preflight(cfg: Config) -> CaptionPolicy:
+    """Everything :func:`check_caption_policy` and :func:`check_paths` check; returns the caption policy."""
+    policy = check_caption_policy(cfg)
+    check_paths(cfg)
+    return policy
+
+
+def check_caption_policy(cfg: Config) -> CaptionPolicy:
+    """The caption policy of `cfg.data`; a ConfigError naming the key for an unknown `data.caption_choice` or
+    `data.text_task_phrasings` (the values the data layer defines)."""
+    for key, allowed in (("caption_choice", CAPTION_CHOICES), ("text_task_phrasings", TEXT_TASK_PHRASINGS)):
+        value = getattr(cfg.data, key)
+        if value not in allowed:
+            raise ConfigError(f"data.{key}={value!r} is not one of {allowed}")
+    return caption_policy(cfg.data)
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail at start, naming the key, when a configured input does not exist (not later, deep in a worker).
+
+    Checks the train/val/latent shard specs (a missing folder, an empty folder, a glob or brace pattern matching
+    nothing), the latent shards' meta file, and every configured local model folder.
+    """
+    shard_specs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train_shards", "val_shards", "latent_shards")]
+    for key, spec in shard_specs:
+        if spec is None:
+            continue
+        if not str(spec).strip():
+            raise ConfigError(f"{key} is empty: give a folder of .tar shards, a brace/glob pattern or a comma list")
+        try:
+            expand_urls(spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{key}={spec!r}: {err}") from None
+    if cfg.data.latent_shards:
+        try:
+            read_latents_meta(cfg.data.latent_shards)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.latent_shards={cfg.data.latent_shards!r}: {err}") from None
+    for key, path in (
+        ("vae.pretrained_path", cfg.vae.pretrained_path),
+        ("tokenizer.path", cfg.tokenizer.path),
+        ("text_encoder.path", cfg.text_encoder.path),
+    ):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key}={path!r} does not exist")
