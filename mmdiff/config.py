@@ -15,6 +15,20 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .data.captions import CAPTION_CHOICES
+from .data.policies import TEXT_TASK_PHRASINGS
+from .data.tokenizer import TOKENIZER_KINDS
+from .diffusion.gaussian import PREDICTION_TYPES
+from .models.attention import BACKENDS as ATTENTION_BACKENDS
+from .models.text_encoders import FROZEN_ENCODER_KINDS
+from .models.transformer import ADALN_MODES
+
+# The choices of the training options, defined here (the trainer imports them)
+LR_SCHEDULES = ("cosine", "constant")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+RESUME_MODES = ("auto", "never")
+NONFINITE_POLICIES = ("stop", "skip")
+
 
 @dataclass
 class DataConfig:
@@ -225,6 +239,15 @@ def saved_pipeline_config(folder: str | Path) -> dict[str, Any]:
     return OmegaConf.to_container(_read_yaml(path)) if path.is_file() else {}  # type: ignore[return-value]
 
 
+def sample_settings(folder: str | Path | None = None) -> SampleConfig:
+    """The sampling defaults of a pipeline folder: the `sample` section of the config saved with it
+    (`mmdiff_config.yaml`) over `SampleConfig`'s defaults, the one source of the defaults every command and both
+    pipelines use when a setting is not given."""
+    section = (saved_pipeline_config(folder).get("sample") or {}) if folder is not None else {}
+    known = {f.name for f in fields(SampleConfig)}
+    return SampleConfig(**{k: v for k, v in section.items() if k in known})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema <- YAML file <- dotlist overrides ("train.max_steps=10"), validated and resolved."""
     try:
@@ -340,15 +363,17 @@ def in_interval(value: float, interval: str) -> bool:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     choices = {
-        "tokenizer.kind": (cfg.tokenizer.kind, ("word", "clip_bpe", "pretrained")),
-        "text_encoder.kind": (cfg.text_encoder.kind, ("joint", "clip", "t5", "open_clip")),
-        "diffusion.prediction_type": (cfg.diffusion.prediction_type, ("epsilon", "v_prediction")),
-        "train.lr_schedule": (cfg.train.lr_schedule, ("cosine", "constant")),
-        "train.mixed_precision": (cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16")),
-        "model.attention_backend": (cfg.model.attention_backend, ("sdpa", "xformers", "math")),
-        "model.adaln": (cfg.model.adaln, ("single", "per_block")),
-        "train.resume": (cfg.train.resume, ("auto", "never")),
-        "train.on_nonfinite": (cfg.train.on_nonfinite, ("stop", "skip")),
+        "tokenizer.kind": (cfg.tokenizer.kind, TOKENIZER_KINDS),
+        "text_encoder.kind": (cfg.text_encoder.kind, ("joint", *FROZEN_ENCODER_KINDS)),
+        "diffusion.prediction_type": (cfg.diffusion.prediction_type, PREDICTION_TYPES),
+        "train.lr_schedule": (cfg.train.lr_schedule, LR_SCHEDULES),
+        "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
+        "model.attention_backend": (cfg.model.attention_backend, ATTENTION_BACKENDS),
+        "model.adaln": (cfg.model.adaln, ADALN_MODES),
+        "data.caption_choice": (cfg.data.caption_choice, CAPTION_CHOICES),
+        "data.text_task_phrasings": (cfg.data.text_task_phrasings, TEXT_TASK_PHRASINGS),
+        "train.resume": (cfg.train.resume, RESUME_MODES),
+        "train.on_nonfinite": (cfg.train.on_nonfinite, NONFINITE_POLICIES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config, saved_pipeline_config
+from .config import load_config
+from .eval.plots import save_grid
 from .paths import SHIPPED_MODEL, VAL_SAMPLE, find_repo_file
-from .sampling import save_grid
 
 # The `sample` settings the demo uses (from the config saved with the pipeline, or the training config).
 SAMPLE_KEYS = ("num_inference_steps", "guidance_scale", "caption_steps", "caption_guidance_scale")
@@ -91,14 +91,15 @@ def _write_samples(t2i, i2t, held_out, out: Path, sample_cfg, generator) -> dict
 def run_shipped_demo(out: Path, model: str | None = None, sweep: bool = True) -> dict:
     """The shipped model on held-out scenes: samples, captions and a small guidance sweep in `out`."""
     from .eval.sweep import sweep as run_sweep
-    from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
+    from .pipelines import as_image_to_text
+    from .pipelines.factory import load_pipeline
 
     folder = Path(model) if model else find_repo_file(SHIPPED_MODEL)
     val = find_repo_file(VAL_SAMPLE)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t2i = MMDiffTextToImagePipeline.from_pretrained(folder).to(device)
-    i2t = MMDiffImageToTextPipeline(**t2i.components)
-    sample_cfg = _sample_settings(folder)
+    device = None  # cuda when available
+    t2i = load_pipeline(folder, device=device)
+    i2t = as_image_to_text(t2i)
+    sample_cfg = {k: getattr(t2i.sample_config, k) for k in SAMPLE_KEYS}
     print(f"model: {folder}  held-out scenes: {val}  settings: {sample_cfg}")
     result = _write_samples(t2i, i2t, _held_out(val, 16), out, sample_cfg, torch.Generator(device).manual_seed(0))
     if sweep:
@@ -124,18 +125,11 @@ def run_shipped_demo(out: Path, model: str | None = None, sweep: bool = True) ->
     return result
 
 
-def _sample_settings(folder: Path) -> dict:
-    """Sampling defaults from the `sample` section of the config saved with the pipeline (mmdiff_config.yaml)."""
-    defaults = dict(zip(SAMPLE_KEYS, (25, 3.0, 16, 2.0)))
-    section = saved_pipeline_config(folder).get("sample") or {}
-    defaults.update({k: v for k, v in section.items() if k in defaults})
-    return defaults
-
-
 def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: list[str] | None = None) -> dict:
     """`mmdiff demo --train`: data -> train the tiny config -> samples and captions from the trained pipeline."""
     from .data.shapes import write_shapes_shards
-    from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
+    from .pipelines import as_image_to_text
+    from .pipelines.factory import load_pipeline
     from .training.trainer import train
 
     data = work / "data"
@@ -152,9 +146,9 @@ def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: 
         ],
     )
     summary = train(cfg, resume=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t2i = MMDiffTextToImagePipeline.from_pretrained(summary["pipeline"]).to(device)
-    i2t = MMDiffImageToTextPipeline(**t2i.components)
+    device = None  # cuda when available
+    t2i = load_pipeline(summary["pipeline"], device=device)
+    i2t = as_image_to_text(t2i)
     sample_cfg = {k: getattr(cfg.sample, k) for k in SAMPLE_KEYS}
     result = _write_samples(
         t2i, i2t, _held_out(data / "val", 16), out, sample_cfg, torch.Generator(device).manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from mmdiff.data.tokenizer import train_word_level_tokenizer
 from mmdiff.diffusion.gaussian import make_noise_scheduler
 from mmdiff.models.transformer import MMDiTModel
 from mmdiff.models.vae import tiny_vae
+
+# `mmdiff train` with test hooks passed in (tests/hooked_train.py), for the tests that need a separate process
+HOOKED_TRAIN = Path(__file__).parent / "hooked_train.py"
 
 CAPTIONS = [
     "a small red circle above a large blue square",

@@ -302,14 +302,13 @@ def test_generic_data_layer_knows_no_shapes_words():
         assert not any(m == "mmdiff.config" or m.startswith("mmdiff.config.") for m in modules), path.name
 
 
-def test_unknown_caption_policy_is_refused_when_training_starts(tmp_path):
+def test_unknown_caption_policy_is_refused_by_the_config(tmp_path):
+    # the allowed values are the data layer's own (its policies and choices), checked when the config loads
     from mmdiff.config import ConfigError, load_config
-    from mmdiff.training.preflight import preflight
 
     for key, value in (("text_task_phrasings", "sorted"), ("caption_choice", "first")):
-        cfg = load_config(None, [f"data.train_shards={tmp_path}", f"data.{key}={value}"])
         with pytest.raises(ConfigError, match=rf"data\.{key}='{value}' is not one of"):
-            preflight(cfg)
+            load_config(None, [f"data.train_shards={tmp_path}", f"data.{key}={value}"])
 
 
 def test_loader_deterministic_for_seed(shapes_dir, word_tok):

@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 
-from conftest import stage_run_dir, tiny_train_overrides
+from conftest import HOOKED_TRAIN, stage_run_dir, tiny_train_overrides
 
 from mmdiff.training.checkpoint import list_checkpoints
-from mmdiff.training.resume import PARAM_DIGEST_ENV
 
 
 def _torchrun(setup, run_dir, digest_dir, resume: bool, max_steps: int) -> str:
@@ -21,9 +20,10 @@ def _torchrun(setup, run_dir, digest_dir, resume: bool, max_steps: int) -> str:
     config.write_text("{}\n")
     overrides = tiny_train_overrides(setup, run_dir, max_steps=max_steps, checkpoint_every=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "mmdiff.cli", "train", str(config), *overrides, *(["--resume"] if resume else [])]
+    cmd += [str(HOOKED_TRAIN), "--param-digest-dir", str(digest_dir), str(config), *overrides]
+    cmd += ["--resume"] if resume else []
     # ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets: accelerate then uses gloo across CPU processes.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", PARAM_DIGEST_ENV: str(digest_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout + proc.stderr

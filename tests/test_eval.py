@@ -32,7 +32,7 @@ from mmdiff.eval import (
 )
 from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_phrasings
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
-from mmdiff.eval.run import load_pipeline
+from mmdiff.pipelines.factory import load_pipeline
 
 # A random caption names the same normalised scene as another random one with probability sum_s p(s)^2: half the
 # scenes are one of 36 single objects, half one of 36 * 35 * 2 ordered pairs with a normalised relation, so chance
@@ -276,7 +276,7 @@ def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_
     )  # fmt: skip
     i2t = result["image_to_text"]
     assert i2t["nll_references"] == "left_first" and i2t["relation_direction"]["num"] == 0
-    pipe = load_pipeline(saved_pipe, "cpu")
+    pipe = load_pipeline(saved_pipe, device="cpu", progress=False)
     assert i2t["nll_image_bits"] == pytest.approx(caption_nll(pipe, images, left_first, 1.0, 1, 12, 0), rel=1e-5)
     assert i2t["nll_image_bits"] != pytest.approx(caption_nll(pipe, images, refs, 1.0, 1, 12, 0))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 
@@ -11,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from mmdiff.cli import main
 from mmdiff.data.shapes import render_scene, write_shapes_shards
 from mmdiff.data.tokenizer import encode_captions, train_word_level_tokenizer
 from mmdiff.eval.encoder import (
     ContrastiveEvalEncoder,
     MMDiffEvalEncoder,
-    add_eval_encoder_parser,
     check_encoder_fits,
     contrastive_loss,
-    eval_encoder_command,
     load_eval_encoder,
     retrieval_accuracy,
     text_coverage,
@@ -222,12 +220,8 @@ def test_records_keep_every_phrasing_and_default_size(shards):
 
 
 def test_command_trains_and_reports(shards, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_eval_encoder_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(
-        ["eval-encoder", "--shards", str(shards / "train"), "--val-shards", str(shards / "val")]
-        + ["--out", str(tmp_path / "enc"), "--steps", "2", "--batch-size", "8", "--max-records", "16"]
-    )
-    assert eval_encoder_command(args) == 0
+    args = ["eval-encoder", "--shards", str(shards / "train"), "--val-shards", str(shards / "val")]
+    args += ["--out", str(tmp_path / "enc"), "--steps", "2", "--batch-size", "8", "--max-records", "16"]
+    assert main(args) == 0
     assert "image->text" in capsys.readouterr().out
     assert load_eval_encoder(tmp_path / "enc").training["train_data"]["num_records"] == 16

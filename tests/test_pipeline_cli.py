@@ -139,3 +139,42 @@ def test_text_to_image_bad_inputs(pipe):
         kwargs = {"prompt": "a red circle", "num_inference_steps": 1, **kwargs}
         with pytest.raises(error, match=match):
             pipe(**kwargs)
+
+
+def test_unset_options_take_the_folders_sample_settings(saved_pipe, tmp_path):
+    # the folder's saved `sample:` section is the default of every command and of both pipelines: a run without
+    # --steps / --guidance-scale equals one that passes the folder's values, and differs from the library defaults
+    import shutil
+
+    import yaml
+
+    from mmdiff.config import SampleConfig
+    from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
+
+    folder = tmp_path / "with_settings"
+    shutil.copytree(saved_pipe, folder)
+    settings = {"num_inference_steps": 3, "guidance_scale": 1.5, "caption_steps": 4, "caption_guidance_scale": 1.0}
+    (folder / "mmdiff_config.yaml").write_text(yaml.safe_dump({"sample": settings}))
+    assert SampleConfig().guidance_scale != 1.5 and SampleConfig().num_inference_steps != 3
+
+    def generate(name: str, *extra: str) -> list:
+        out = tmp_path / name
+        assert (
+            main(["generate", "--model", str(folder), "--out", str(out), "--quiet", "--prompt", PROMPTS[0], *extra])
+            == 0
+        )
+        return [PIL.Image.open(out / r["file"]).tobytes() for r in json.loads((out / "index.json").read_text())]
+
+    unset = generate("unset")
+    assert unset == generate("explicit", "--steps", "3", "--guidance-scale", "1.5")
+    assert unset != generate("library", "--steps", "50", "--guidance-scale", "3.0")
+
+    t2i = MMDiffTextToImagePipeline.from_pretrained(folder)
+    assert t2i.sample_config == SampleConfig(**settings)
+    i2t = MMDiffImageToTextPipeline.from_pretrained(folder)
+    i2t.set_progress_bar_config(disable=True)
+    image = PIL.Image.new("RGB", (16, 16), "red")
+    calls = []
+    i2t(image, callback_on_step_end=lambda pipe, i, t, tensors: calls.append(i) or tensors)
+    assert len(calls) == 4  # caption_steps
+    assert i2t(image).text == i2t(image, num_inference_steps=4, guidance_scale=1.0).text

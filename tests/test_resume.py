@@ -17,25 +17,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import stage_run_dir, tiny_train_overrides
+from conftest import HOOKED_TRAIN, stage_run_dir, tiny_train_overrides
 from safetensors.torch import load_file
 
 from mmdiff.training.checkpoint import latest_checkpoint, list_checkpoints
-from mmdiff.training.resume import HANG_IN_SAVE_ENV
 
 MAX_STEPS = 10
 TRAIN = {"max_steps": MAX_STEPS, "checkpoint_every": 3, "data.num_workers": 2}
 DEADLINE_S = 120  # generous: a deadline for a poll loop, not a timing assumption
 
 
-def _start(setup, run_dir: Path, resume: bool = False, env: dict | None = None, **train) -> subprocess.Popen:
+def _start(setup, run_dir: Path, resume: bool = False, hang_at: int | None = None, **train) -> subprocess.Popen:
     config = run_dir.parent / "empty.yaml"  # everything comes from overrides on top of the schema defaults
     config.write_text("{}\n")
-    cmd = [sys.executable, "-m", "mmdiff.cli", "train", str(config)]
+    # the user's command; with a hook, the same training through `train(..., hooks=...)` (tests/hooked_train.py)
+    entry = [str(HOOKED_TRAIN), "--hang-in-save-at", str(hang_at)] if hang_at else ["-m", "mmdiff.cli", "train"]
+    cmd = [sys.executable, *entry, str(config)]
     cmd += tiny_train_overrides(setup, run_dir, **{**TRAIN, **train})
     if resume:
         cmd.append("--resume")
-    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env)
 
 
@@ -146,7 +147,7 @@ def test_sigkill_during_checkpoint_save_keeps_previous_checkpoint(tiny_train_set
     run_dir = tmp_path / "run"
     stage_run_dir(tiny_train_setup, run_dir)
     # All runs use two DataLoader workers: the resumed data stream must be exact with workers too.
-    proc = _start(tiny_train_setup, run_dir, env={HANG_IN_SAVE_ENV: "6"})
+    proc = _start(tiny_train_setup, run_dir, hang_at=6)
     _wait_for(lambda: (run_dir / "hanging-in-save").is_file(), proc)
     _kill(proc)
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 from transformers import T5Config, T5EncoderModel
 
-from ..config import ModelConfig
 from ..data.tokenizer import encode_captions, train_word_level_tokenizer
 from ..diffusion.gaussian import make_noise_scheduler, noise_latents, sample_timesteps, timestep_to_t
 from ..diffusion.masked import MaskedDiffusionScheduler
@@ -32,6 +31,7 @@ from ..models.vae import tiny_vae, vae_downsample_factor
 from ..pipelines.image_to_text import MMDiffImageToTextPipeline
 from ..pipelines.text_to_image import MMDiffTextToImagePipeline
 from ..training.losses import LossWeights, image_task_loss, joint_losses
+from ..training.stages import transformer_from_config
 from .presets import BenchPreset
 
 PROMPTS = [
@@ -87,38 +87,31 @@ def build_mmdiff(
     """mmdiff's transformer at the preset's size; `external_text_dim` gives it the projection for a frozen text
     encoder's features (the configuration that trains on precomputed caption features, as PixArt does)."""
     torch.manual_seed(0)
-    return MMDiTModel(
+    return transformer_from_config(
+        preset.model,
         sample_size=preset.latent_size,
         in_channels=preset.in_channels,
-        patch_size=preset.patch_size,
         vocab_size=vocab_size,
         max_text_length=context_length or preset.context_length,
-        hidden_size=preset.hidden_size,
-        depth=preset.depth,
-        num_heads=preset.num_heads,
-        mlp_ratio=preset.mlp_ratio,
-        text_encoder_depth=preset.text_encoder_depth,
-        image_encoder_depth=preset.image_encoder_depth,
-        adaln=ModelConfig.adaln,  # the architecture `mmdiff train` builds by default
         external_text_dim=external_text_dim,
     ).to(device)
 
 
 def build_pixart(preset: BenchPreset, device: torch.device) -> PixArtTransformer2DModel:
     """PixArt-alpha's transformer at the preset's size; caption features are `hidden_size` wide (the T5 below)."""
-    if preset.mlp_ratio != 4.0:
+    if preset.model.mlp_ratio != 4.0:
         raise ValueError("PixArt's FeedForward has a fixed 4x width: a matched comparison needs mlp_ratio=4")
     torch.manual_seed(0)
     return PixArtTransformer2DModel(
-        num_attention_heads=preset.num_heads,
-        attention_head_dim=preset.hidden_size // preset.num_heads,
+        num_attention_heads=preset.model.num_heads,
+        attention_head_dim=preset.model.hidden_size // preset.model.num_heads,
         in_channels=preset.in_channels,
         out_channels=preset.in_channels,  # no learned sigma: the same output as mmdiff's image head
-        num_layers=preset.depth,
-        cross_attention_dim=preset.hidden_size,
+        num_layers=preset.model.depth,
+        cross_attention_dim=preset.model.hidden_size,
         sample_size=preset.latent_size,
-        patch_size=preset.patch_size,
-        caption_channels=preset.hidden_size,
+        patch_size=preset.model.patch_size,
+        caption_channels=preset.model.hidden_size,
         interpolation_scale=1,
         use_additional_conditions=False,
     ).to(device)
@@ -128,14 +121,14 @@ def build_t5(preset: BenchPreset, vocab_size: int, device: torch.device) -> T5En
     """A random-init T5 v1.1-style encoder (gated GELU) the size of mmdiff's text encoder; d_ff is 2/3 of 4 D so its
     three FFN matrices cost what mmdiff's two do."""
     torch.manual_seed(0)
-    d = preset.hidden_size
+    d = preset.model.hidden_size
     config = T5Config(
         vocab_size=vocab_size,
         d_model=d,
-        d_kv=d // preset.num_heads,
-        d_ff=int(round(2 / 3 * preset.mlp_ratio * d)),
-        num_layers=preset.text_encoder_depth,
-        num_heads=preset.num_heads,
+        d_kv=d // preset.model.num_heads,
+        d_ff=int(round(2 / 3 * preset.model.mlp_ratio * d)),
+        num_layers=preset.model.text_encoder_depth,
+        num_heads=preset.model.num_heads,
         feed_forward_proj="gated-gelu",
         dropout_rate=0.0,
     )

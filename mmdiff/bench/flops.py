@@ -42,8 +42,8 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> floa
 
 def _image_tokens(preset: BenchPreset, latent_size: int | None = None) -> tuple[int, int]:
     """Noisy image tokens and the values per token (p^2 C) of the patch embedding and image head."""
-    side = (latent_size or preset.latent_size) // preset.patch_size
-    return side * side, preset.patch_size**2 * preset.in_channels
+    side = (latent_size or preset.latent_size) // preset.model.patch_size
+    return side * side, preset.model.patch_size**2 * preset.in_channels
 
 
 def mmdiff_train_flops(
@@ -58,16 +58,16 @@ def mmdiff_train_flops(
     `frozen_text` the projection of precomputed D-wide features) and, when `joint`, also the text task (the image
     context encoder, the caption stream, the text head). `context_tokens`: the text context's length after mmdiff
     trims the batch's common padding (default: the preset's full context length)."""
-    d, r, s = preset.hidden_size, preset.mlp_ratio, preset.context_length
+    d, r, s = preset.model.hidden_size, preset.model.mlp_ratio, preset.context_length
     c = context_tokens or s
     t, patch_values = _image_tokens(preset)
     t_embed = 2 * (TIMESTEP_FREQ_DIM * d + d * d)
-    context = 2 * c * d * d if frozen_text else encoder_flops(c, d, preset.text_encoder_depth, r)
+    context = 2 * c * d * d if frozen_text else encoder_flops(c, d, preset.model.text_encoder_depth, r)
     image = (
         2 * t * patch_values * d  # patch embedding
         + t_embed
         + context  # the caption -> context
-        + preset.depth * dit_block_flops(t, c, d, r, adaln_per_block=True)
+        + preset.model.depth * dit_block_flops(t, c, d, r, adaln_per_block=True)
         + 4 * d * d
         + 2 * t * d * patch_values  # image head: adaLN + linear
     )
@@ -75,9 +75,9 @@ def mmdiff_train_flops(
     if joint:
         forward += (
             2 * t * patch_values * d  # image context patch embedding
-            + encoder_flops(t, d, preset.image_encoder_depth, r)
+            + encoder_flops(t, d, preset.model.image_encoder_depth, r)
             + t_embed
-            + preset.depth * dit_block_flops(s, t, d, r, adaln_per_block=True)
+            + preset.model.depth * dit_block_flops(s, t, d, r, adaln_per_block=True)
             + 4 * d * d
             + 2 * s * d * vocab_size  # text head
         )
@@ -86,14 +86,14 @@ def mmdiff_train_flops(
 
 def pixart_train_flops(preset: BenchPreset, batch: int, caption_channels: int) -> float:
     """Training FLOPs of one PixArt image step on precomputed caption features (its frozen T5 is not run)."""
-    d, r, s = preset.hidden_size, preset.mlp_ratio, preset.context_length
+    d, r, s = preset.model.hidden_size, preset.model.mlp_ratio, preset.context_length
     t, patch_values = _image_tokens(preset)
     forward = (
         2 * t * patch_values * d
         + 2 * (TIMESTEP_FREQ_DIM * d + d * d)
         + 12 * d * d  # the one shared adaLN linear (AdaLayerNormSingle)
         + 2 * s * (caption_channels * d + d * d)  # caption projection MLP
-        + preset.depth * dit_block_flops(t, s, d, r, adaln_per_block=False)
+        + preset.model.depth * dit_block_flops(t, s, d, r, adaln_per_block=False)
         + 2 * t * d * patch_values
     )
     return 3 * batch * forward

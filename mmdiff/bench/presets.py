@@ -5,20 +5,22 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+
+from ..config import ModelConfig
 
 
 @dataclass(frozen=True)
 class BenchPreset:
     """Everything that sizes one benchmark run. Both contenders are built from the same fields.
 
-    latent_size, in_channels, patch_size: the latent grid the transformers denoise (tokens = (latent_size / p)^2).
-    hidden_size, depth, num_heads, mlp_ratio: the backbone of both transformers.
+    model: mmdiff's model config (`model:` of a training config); PixArt is built with the same patch size, width,
+        depth, heads and MLP ratio, and its T5 encoder with `model.text_encoder_depth` layers.
+    latent_size, in_channels: the latent grid the transformers denoise (tokens = (latent_size / patch)^2).
     context_length: caption tokens, i.e. the cross-attention context length of both (mmdiff's `max_text_length`,
         PixArt's `max_sequence_length`).
-    text_encoder_depth: layers of mmdiff's joint text encoder and of PixArt's random-init T5 encoder.
     vae_channels: `block_out_channels` of the shared tiny VAE (its downsampling is 2^(len - 1)).
     train_batch: images per training step. sample_batch / sample_steps / guidance_scale: the text-to-image calls;
         guidance_interval: (t_low, t_high) of mmdiff's guidance-interval run.
@@ -29,16 +31,11 @@ class BenchPreset:
     """
 
     name: str
+    # the transformer: `mmdiff train`'s own model config (its defaults are what training builds), one encoder layer
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(text_encoder_depth=1))
     latent_size: int = 16
     in_channels: int = 4
-    patch_size: int = 2
-    hidden_size: int = 256
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
     context_length: int = 32
-    text_encoder_depth: int = 1
-    image_encoder_depth: int = 1
     vae_channels: tuple[int, ...] = (16, 32)
     train_batch: int = 16
     sample_batch: int = 4
@@ -68,12 +65,9 @@ PRESETS: dict[str, BenchPreset] = {
     # a 77-token context, bf16 autocast. The VAE is tiny but f8 so the pixel size is the usual 256.
     "gpu-b2": BenchPreset(
         name="gpu-b2",
+        model=ModelConfig(hidden_size=768, depth=12, num_heads=12, text_encoder_depth=2),
         latent_size=32,
-        hidden_size=768,
-        depth=12,
-        num_heads=12,
         context_length=77,
-        text_encoder_depth=2,
         vae_channels=(32, 64, 128, 128),
         train_batch=64,
         sample_batch=16,
@@ -98,12 +92,9 @@ def quick(preset: BenchPreset) -> BenchPreset:
     return replace(
         preset,
         name=f"{preset.name}-quick",
+        model=replace(preset.model, hidden_size=32, depth=2, num_heads=2, text_encoder_depth=1),
         latent_size=8,
-        hidden_size=32,
-        depth=2,
-        num_heads=2,
         context_length=8,
-        text_encoder_depth=1,
         vae_channels=(8, 8),
         train_batch=2,
         sample_batch=1,

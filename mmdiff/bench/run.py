@@ -116,7 +116,7 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, compile_models
     pixart = C.compile_transformer(C.build_pixart(preset, device), compile_models)
     mmdiff = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
     frozen = C.compile_transformer(
-        C.build_mmdiff(preset, vocab, device, external_text_dim=preset.hidden_size), compile_models
+        C.build_mmdiff(preset, vocab, device, external_text_dim=preset.model.hidden_size), compile_models
     )
     joint = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
     contenders = [
@@ -125,7 +125,7 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, compile_models
             C.pixart_image_step(pixart, preset, batch, device, autocast),
             batch,
             device,
-            pixart_train_flops(preset, batch, preset.hidden_size),
+            pixart_train_flops(preset, batch, preset.model.hidden_size),
         ),
         Contender(
             "mmdiff",
@@ -221,7 +221,7 @@ def bench_scaling(preset: BenchPreset, tokenizer, device, autocast) -> dict:
 
     model = C.build_mmdiff(preset, vocab, device)
     latent = [
-        {"latent_size": size, "tokens": (size // preset.patch_size) ** 2, "step_ms": step_ms(model, size)}
+        {"latent_size": size, "tokens": (size // preset.model.patch_size) ** 2, "step_ms": step_ms(model, size)}
         for size in preset.scaling_latent_sizes
     ]
     caption = []
@@ -293,12 +293,3 @@ def all_finite(value) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return True
-
-
-def bench_command(args) -> int:
-    """The `mmdiff bench` subcommand."""
-    preset = resolve_preset(args.preset, args.quick, args.repeats, args.warmup, args.threads, args.device)
-    report = run_bench(preset, args.out, tuple(args.sections or SECTIONS), compile_models=args.compile)
-    print(format_table(report))
-    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
-    return 0

@@ -96,9 +96,14 @@ class GuidedDenoiser:
         level = float(t) if self.interval is not None else 0.0  # a per-row t only without an interval
         return [guidance_active(level, w, self.interval) for w in self.scales]
 
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, t: torch.Tensor | float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: (R,) the condition rows `sample` holds, when it holds only some of them (a caption batch whose
+        finished rows stop taking forward passes); one guidance scale and the null context only."""
         model, n, device = self.model, self.n, sample.device
         kv = self._kv if self.cache_context else model.context_kv(self.context, self.context_mask, absorb=None)
+        per_row_t = self.interval is not None and torch.as_tensor(t).numel() > 1
+        if rows is not None or per_row_t:
+            return self._some_rows(sample, t, kv, rows)
         mask = self.context_mask
         active = self.active(t)
         # unconditional rows only for the groups that are guided at this t
@@ -134,6 +139,41 @@ class GuidedDenoiser:
                 start += n
             guided.append(cond)
         return torch.cat(guided) if len(guided) > 1 else guided[0]
+
+    def _some_rows(self, sample, t, kv, rows) -> torch.Tensor:
+        """One group: the condition rows `rows` (None: all), guided where each row's t lies in the interval."""
+        if len(self.scales) != 1 or self.negative_rows:
+            raise ValueError(
+                "a subset of rows, or a per-row t with a guidance interval, needs one guidance scale "
+                "and the null context as the unconditional branch"
+            )
+        mask = self.context_mask
+        if rows is not None:
+            kv, mask = select_context_rows(kv, rows), mask[rows]
+        w, count = self.scales[0], sample.shape[0]
+        t_rows = torch.as_tensor(t, device=sample.device).reshape(-1).expand(count)
+        if w == 1.0:
+            guided_rows = torch.zeros(count, dtype=torch.bool, device=sample.device)
+        elif self.interval is None:
+            guided_rows = torch.ones(count, dtype=torch.bool, device=sample.device)
+        else:
+            guided_rows = (t_rows >= self.interval[0]) & (t_rows <= self.interval[1])
+        uncond_rows = guided_rows.nonzero().flatten()
+        cfg_rows = None
+        if len(uncond_rows):
+            cfg_rows = CFGRows(null=len(uncond_rows), null_outputs=self.null_outputs, repeat=uncond_rows)
+        pred = self.model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
+        self.num_forward_rows += count + len(uncond_rows)
+        if self.stream == "text":
+            pred = pred.float()
+        pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+        if not len(uncond_rows):
+            return pred_cond
+        if len(uncond_rows) == count:
+            return classifier_free_guidance(pred_cond, pred_uncond, w, self.rescale)
+        guided = pred_cond.clone()
+        guided[uncond_rows] = classifier_free_guidance(pred_cond[uncond_rows], pred_uncond, w, self.rescale)
+        return guided
 
 
 def forward_with_dropout(

@@ -153,8 +153,10 @@ def generate_captions(
     batch_size: int = 64,
     seed: int = 0,
     guidance_interval: tuple[float, float] | None = None,
+    **sampler_kwargs,
 ) -> list[str]:
-    """Caption images with the image-to-text pipeline over `pipe`'s components (greedy low-confidence unmasking).
+    """Caption images with the image-to-text pipeline over `pipe`'s components (greedy; `sampler_kwargs` choose the
+    unmasking sampler, default the folder's text scheduler: low-confidence unmasking on the linear schedule).
 
     Image i uses generator seed `seed + i`, so a caption does not depend on the batch it fell in.
     """
@@ -171,6 +173,7 @@ def generate_captions(
             num_inference_steps=num_inference_steps,
             guidance_interval=guidance_interval,
             generator=generators,
+            **sampler_kwargs,
         )
         texts.extend(out.text)
     return texts

@@ -20,17 +20,21 @@ from pathlib import Path
 
 import PIL.Image
 
-from .encoder_model import ContrastiveEvalEncoder, MMDiffEvalEncoder, contrastive_loss
+from .encoder_model import (
+    ContrastiveEvalEncoder,
+    MMDiffEvalEncoder,
+    _class_name,
+    contrastive_loss,
+    is_eval_encoder_folder,
+)
 from .encoder_retrieval import retrieval_accuracy
-from .encoder_train import DEFAULT_STEPS, TOKENIZER_FOLDER, TRAINING_FILE, train_eval_encoder, word_coverage
+from .encoder_train import TOKENIZER_FOLDER, TRAINING_FILE, train_eval_encoder, word_coverage
 
 __all__ = [
     "ContrastiveEvalEncoder",
     "MMDiffEvalEncoder",
-    "add_eval_encoder_parser",
     "check_encoder_fits",
     "contrastive_loss",
-    "eval_encoder_command",
     "is_eval_encoder_folder",
     "load_eval_encoder",
     "retrieval_accuracy",
@@ -40,18 +44,6 @@ __all__ = [
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TRAIN_HINT = "train one with `mmdiff eval-encoder --shards TRAIN --val-shards VAL --out DIR`"
-
-
-def _class_name(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def is_eval_encoder_folder(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a saved `ContrastiveEvalEncoder` (its config.json names the class)."""
-    return _class_name(Path(folder)) == ContrastiveEvalEncoder.__name__
 
 
 def load_eval_encoder(folder: str | os.PathLike, device: str = "cpu", batch_size: int = 256) -> MMDiffEvalEncoder:
@@ -140,54 +132,3 @@ def text_coverage(encoder, texts: list[str]) -> float:
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
         return 1.0
     return word_coverage(tokenizer, list(texts))
-
-
-def add_eval_encoder_parser(sub) -> None:
-    """Add `mmdiff eval-encoder` to an argparse subparsers object."""
-    p = sub.add_parser(
-        "eval-encoder",
-        help="train the contrastive image-text encoder of `eval` / `sweep` (FD, KID, CLIP score, R-precision) on "
-        "your shards",
-    )
-    p.add_argument("--shards", required=True, help="training shards (folder, glob, brace range or list)")
-    p.add_argument("--val-shards", required=True, help="held-out shards: the retrieval accuracy is measured on them")
-    p.add_argument("--out", required=True, help="folder for the encoder (safetensors, tokenizer/, training.json)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=None, help="default: the first training image's shorter side")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
-    p.add_argument("--max-records", type=int, default=None, help="read at most this many training records")
-    p.add_argument("--max-val-records", type=int, default=5000)
-    p.add_argument("--eval-every", type=int, default=0, help="also measure retrieval every N steps (0: at the end)")
-
-
-def eval_encoder_command(args) -> int:
-    """Run `mmdiff eval-encoder`: train, print the held-out retrieval accuracy and where the encoder is."""
-    record = train_eval_encoder(
-        args.shards,
-        args.val_shards,
-        args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        lr=args.lr,
-        seed=args.seed,
-        max_records=args.max_records,
-        max_val_records=args.max_val_records,
-        eval_every=args.eval_every,
-        device=args.device,
-    )
-    r, full = record["retrieval"], record["retrieval"]["full_gallery"]
-    print(
-        f"trained on {record['train_data']['num_records']} records at {record['image_size']} px for "
-        f"{record['steps']} steps ({record['train_seconds']} s), final loss {record['final_loss']}"
-    )
-    print(
-        f"held-out retrieval top-1 over {r['num_galleries']} galleries of R = {r['gallery_size']} (chance "
-        f"{r['chance']:.3f}): image->text {r['image_to_text_top1']:.3f}, text->image {r['text_to_image_top1']:.3f}; "
-        f"over all {full['size']} pairs: {full['image_to_text_top1']:.3f}, {full['text_to_image_top1']:.3f}"
-    )
-    print(f"wrote {args.out} (vocabulary {record['vocabulary']['size']} words)")
-    return 0

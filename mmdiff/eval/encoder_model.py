@@ -16,8 +16,10 @@ Two towers map an image and a caption into one joint space of width E, where mat
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -216,3 +218,15 @@ class MMDiffEvalEncoder:
             out.append(self.model.encode_text(ids).float().cpu())
         emb = torch.cat(out) if out else torch.zeros(0, self.model.config.embed_dim)
         return F.normalize(emb, dim=-1)
+
+
+def _class_name(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_eval_encoder_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a saved `ContrastiveEvalEncoder` (its config.json names the class)."""
+    return _class_name(Path(folder)) == ContrastiveEvalEncoder.__name__

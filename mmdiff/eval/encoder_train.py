@@ -30,7 +30,13 @@ from mmdiff.data.images import resize_center_crop
 from mmdiff.data.shards import SkipStats, expand_urls, iterate_records
 from mmdiff.data.tokenizer import encode_captions, train_word_level_tokenizer
 
-from .encoder_model import ContrastiveEvalEncoder, MMDiffEvalEncoder, contrastive_loss, default_channels
+from .encoder_model import (
+    ContrastiveEvalEncoder,
+    MMDiffEvalEncoder,
+    contrastive_loss,
+    default_channels,
+    is_eval_encoder_folder,
+)
 from .encoder_retrieval import retrieval_accuracy
 
 MAX_IMAGE_BYTES = 8 * 2**30  # the training images are held in memory as uint8
@@ -276,8 +282,6 @@ def train_eval_encoder(
     `retrieval_curve` of training.json: has it plateaued?). `out` gets config.json +
     diffusion_pytorch_model.safetensors, tokenizer/ and training.json, all at once or not at all.
     """
-    from .encoder import is_eval_encoder_folder
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_out_folder(out, is_eval_encoder_folder)  # before minutes of training, not after
     started = time.time()

@@ -146,3 +146,16 @@ def plot_sweep(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def save_grid(images: list[PIL.Image.Image], rows: int, path: Path, min_cell: int = 128) -> Path:
+    """Tile images row-major into one PNG, upscaling small images (nearest) so a person can see them."""
+    from diffusers.utils import make_image_grid
+
+    cols = (len(images) + rows - 1) // rows
+    images = images + [PIL.Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
+    scale = max(1, min_cell // images[0].width)
+    images = [im.resize((im.width * scale, im.height * scale), PIL.Image.NEAREST) for im in images]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=rows, cols=cols).save(path)
+    return path

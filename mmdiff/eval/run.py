@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..pipelines.factory import load_pipeline
 from .benchmarks import find_benchmark
 from .captions import caption_nll, generate_captions
 from .encoders import resolve_encoders
@@ -33,21 +34,6 @@ from .generic import (
     spaces_report,
 )
 from .records import EvalRecords, load_eval_records, require_records
-
-
-def load_pipeline(model, device: str | None = None, scheduler: str | None = None):
-    """A text-to-image pipeline from a folder (or an mmdiff pipeline object, used as is), progress bar off."""
-    from mmdiff.pipelines import MMDiffTextToImagePipeline, as_text_to_image, swap_scheduler
-
-    if isinstance(model, str | os.PathLike):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = MMDiffTextToImagePipeline.from_pretrained(model).to(device)
-    else:
-        pipe = as_text_to_image(model)
-    pipe.set_progress_bar_config(disable=True)
-    if scheduler:
-        swap_scheduler(pipe, scheduler)
-    return pipe
 
 
 def model_name(model) -> str:
@@ -91,9 +77,9 @@ def evaluate(
     val_shards: str | list[str],
     num_images: int = 500,
     num_captions: int = 500,
-    guidance_scale: float = 3.0,
-    caption_guidance_scale: float = 2.0,
-    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    caption_guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
     caption_steps: int | None = None,
     guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
@@ -107,6 +93,7 @@ def evaluate(
     scheduler: str | None = None,
     device: str | None = None,
     out: str | os.PathLike | None = None,
+    caption_sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a pipeline folder (or pipeline object) on any image-caption shards; write the JSON to `out` if given.
 
@@ -124,7 +111,16 @@ def evaluate(
         records, max(num_images, num_captions), f"--num-images {num_images} / --num-captions {num_captions}"
     )
     benchmark = find_benchmark(records)
-    pipe = load_pipeline(pipeline_folder, device, scheduler)
+    pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
+    # settings left unset: the folder's saved sample settings (recorded resolved in the JSON)
+    settings = pipe.fill_sample_settings(
+        guidance_scale=guidance_scale,
+        caption_guidance_scale=caption_guidance_scale,
+        num_inference_steps=num_inference_steps,
+        caption_steps=caption_steps,
+    )
+    guidance_scale, caption_guidance_scale = settings["guidance_scale"], settings["caption_guidance_scale"]
+    num_inference_steps, caption_steps = settings["num_inference_steps"], settings["caption_steps"]
     evaluated = records.head(max(num_images, num_captions))
     spaces, notes = resolve_encoders(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, evaluated.images,
@@ -171,7 +167,7 @@ def evaluate(
     i2t_records = records.head(num_captions)
     i2t = caption_report(
         pipe, i2t_records, spaces, benchmark, pipeline_folder, caption_guidance_scale, caption_steps, nll_levels,
-        batch_size, seed,
+        batch_size, seed, caption_sampler=caption_sampler,
     )  # fmt: skip
 
     result = {
@@ -194,6 +190,7 @@ def evaluate(
         "caption_guidance_scale": caption_guidance_scale,
         "num_inference_steps": num_inference_steps,
         "caption_steps": caption_steps,
+        "caption_sampler": caption_sampler or {},
         "guidance_interval": list(guidance_interval) if guidance_interval else None,
         "scheduler": type(pipe.scheduler).__name__,
         "r_precision": f"R = min({R_PRECISION_R}, distinct prompts); distractors: R - 1 other distinct prompts of the "
@@ -229,12 +226,15 @@ def caption_report(
     probes: bool = True,
     nll_guidance_scale: float = 1.0,
     nll_null_bits: float | None = None,
+    caption_sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Captions of the records' images at `guidance_scale`: n-gram scores against every reference, CLIP score in
     each joint space, the NLL bounds (bits per token) with the image (CFG-combined logits at `nll_guidance_scale`)
     and with the null context (`nll_null_bits` when the caller has it already: it does not depend on the scale), and
     the benchmark's exact scores and probes."""
-    texts = generate_captions(pipe, records.images, guidance_scale, caption_steps, batch_size, seed)
+    texts = generate_captions(
+        pipe, records.images, guidance_scale, caption_steps, batch_size, seed, **(caption_sampler or {})
+    )
     report: dict[str, Any] = {"guidance_scale": guidance_scale, "num": len(texts)}
     report.update(generic_caption_metrics(texts, records.references))
     per_space = {name: caption_space_metrics(enc, records.images, texts) for name, enc in spaces.items()}
@@ -284,14 +284,18 @@ def _finite(value: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import diffusers
 
-    import mmdiff
-
+    try:
+        mmdiff_version = version("mmdiff")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        mmdiff_version = ""
     return {
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "mmdiff": getattr(mmdiff, "__version__", ""),
+        "mmdiff": mmdiff_version,
     }
 
 

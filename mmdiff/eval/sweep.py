@@ -25,12 +25,13 @@ from typing import Any
 
 import PIL.Image
 
+from ..pipelines.factory import load_pipeline
 from .benchmarks import find_benchmark
 from .encoders import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
 from .plots import plot_sweep, save_labeled_grid
 from .records import load_eval_records
-from .run import caption_report, check_counts, load_pipeline, model_name, write_json
+from .run import caption_report, check_counts, model_name, write_json
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_CAPTION_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -85,7 +86,7 @@ def sweep(
     num_prompts: int = 8,
     images_per_prompt: int = 4,
     num_captions: int = 64,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     caption_steps: int | None = None,
     guidance_interval: tuple[float, float] | None = (0.2, 0.8),
     seed: int = 0,
@@ -98,6 +99,7 @@ def sweep(
     scheduler: str | None = None,
     device: str | None = None,
     out_dir: str | os.PathLike = "outputs/sweep",
+    caption_sampler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run both sweeps and write `out_dir/{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}`.
 
@@ -117,7 +119,10 @@ def sweep(
     prompts = distinct_prompts(records.prompts, num_prompts)
     expanded = [p for p in prompts for _ in range(k)]
     reference = records.head(max(len(expanded), 2))
-    pipe = load_pipeline(pipeline_folder, device, scheduler)
+    pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
+    # steps left unset: the folder's saved sample settings (recorded resolved in the JSON)
+    settings = pipe.fill_sample_settings(num_inference_steps=num_inference_steps, caption_steps=caption_steps)
+    num_inference_steps, caption_steps = settings["num_inference_steps"], settings["caption_steps"]
     spaces, notes = resolve_encoders(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, records.images,
         records.prompts,
@@ -157,7 +162,7 @@ def sweep(
         row = caption_report(
             pipe, caption_records, spaces, benchmark, pipeline_folder, w, caption_steps, nll_levels, batch_size,
             seed, probes=False, nll_guidance_scale=w,
-            nll_null_bits=caption_rows[0]["nll_null_bits"] if caption_rows else None,
+            nll_null_bits=caption_rows[0]["nll_null_bits"] if caption_rows else None, caption_sampler=caption_sampler,
         )  # fmt: skip
         row.pop("samples", None)
         caption_rows.append(row)
@@ -183,6 +188,7 @@ def sweep(
         "num_captions": len(caption_records),
         "num_inference_steps": num_inference_steps,
         "caption_steps": caption_steps,
+        "caption_sampler": caption_sampler or {},
         "scheduler": type(pipe.scheduler).__name__,
         "nll_levels": nll_levels,
         "text_to_image": table,

@@ -95,9 +95,9 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         external_text_dim: width of a frozen pretrained text encoder's hidden states; when set, text contexts come
             from `encode_external_text` (a projection) instead of the joint encoder.
         adaln: "per_block" (DiT: every block maps the conditioning vector to its shift/scale/gate with its own
-            linear) or "single" (PixArt-alpha: one shared linear, plus a learned (6, D) offset table per block).
-            The default stays "per_block" so that saved models without the key load as they were trained; the
-            training config's default (`model.adaln`) is "single".
+            linear) or "single" (PixArt-alpha: one shared linear, plus a learned (6, D) offset table per block),
+            the default, as in the training config (`model.adaln`). A saved model without the key was trained before
+            the option existed, per block, and loads so (`extract_init_dict`).
     """
 
     _supports_gradient_checkpointing = True
@@ -118,7 +118,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         image_encoder_depth: int = 1,
         null_context_length: int = 1,
         external_text_dim: int | None = None,
-        adaln: str = "per_block",
+        adaln: str = "single",
     ):
         super().__init__()
         if adaln not in ADALN_MODES:
@@ -155,6 +155,14 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         self.text_head = FinalLayer(d, vocab_size)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers fills a missing config key with the __init__ default; a saved model without `adaln` predates
+        the option and was trained per block."""
+        if "adaln" not in config_dict:
+            config_dict = {**config_dict, "adaln": "per_block"}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     def initialize_weights(self) -> None:
         def _basic_init(module):

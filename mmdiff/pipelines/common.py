@@ -15,6 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..conditioning.text import TextConditioner, frozen_token_budget
+from ..config import SampleConfig, sample_settings
 from ..data.images import prepare_image
 from ..models.vae import encode_latents, vae_downsample_factor
 from .loading import PipelineLoadError, check_pipeline_folder, load_error
@@ -58,9 +59,33 @@ class MMDiffPipelineBase(DiffusionPipeline):
         components = {k: v for k, v in kwargs.items() if k in cls._get_signature_keys(cls)[0]}
         check_pipeline_folder(pretrained_model_name_or_path, components)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise load_error(pretrained_model_name_or_path, err) from err
+        pipe.sample_config = sample_settings(pretrained_model_name_or_path)
+        return pipe
+
+    @property
+    def sample_config(self) -> SampleConfig:
+        """The defaults for arguments a call leaves unset (steps, guidance scales): the folder's saved `sample`
+        settings when loaded from one, else the training config's defaults (`mmdiff.config.SampleConfig`)."""
+        return self.__dict__.get("_sample_config") or SampleConfig()
+
+    @sample_config.setter
+    def sample_config(self, value: SampleConfig) -> None:
+        self.__dict__["_sample_config"] = value
+
+    def default_caption_steps(self, max_length: int | None = None) -> int:
+        """Unmasking steps when a call leaves them unset: `sample_config.caption_steps`, at most one per token."""
+        return min(self.sample_config.caption_steps, max_length or self.transformer.config.max_text_length)
+
+    def fill_sample_settings(self, **settings: float | int | None) -> dict[str, float | int]:
+        """The given `SampleConfig` fields (num_inference_steps, guidance_scale, caption_steps,
+        caption_guidance_scale) with None replaced by this pipeline's defaults, e.g. for a report that records them."""
+        filled = {k: getattr(self.sample_config, k) if v is None else v for k, v in settings.items()}
+        if settings.get("caption_steps", 0) is None:
+            filled["caption_steps"] = self.default_caption_steps()
+        return filled
 
     # ------------------------------------------------------------------ helpers
 

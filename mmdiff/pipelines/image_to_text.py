@@ -10,7 +10,7 @@ from diffusers.utils import BaseOutput
 
 from ..conditioning.guided import GuidedDenoiser
 from ..data.tokenizer import decode_captions, encode_captions
-from ..diffusion.masked import REMASKING
+from ..diffusion.masked import MaskedDiffusionScheduler, check_sampler
 from .common import (
     ImageInput,
     MMDiffPipelineBase,
@@ -52,7 +52,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         image: ImageInput | list[ImageInput] | None = None,
         prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float = 2.0,
+        guidance_scale: float | None = None,
         max_length: int | None = None,
         remasking: str = "low_confidence",
         temperature: float = 0.0,
@@ -62,6 +62,12 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         return_tokens: bool = False,
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        sampler: str | None = None,
+        threshold: float | None = None,
+        entropy_bound: float | None = None,
+        block_length: int | None = None,
+        remask_fraction: float | None = None,
+        remask_window: tuple[float, float] | None = None,
     ) -> CaptionPipelineOutput | tuple:
         """Args:
         image: one image or a list (PIL of any mode, numpy, tensor; see `preprocess_images`); None samples captions
@@ -70,8 +76,10 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             it is a prefix ("a small red"); with it, a template whose mask tokens are the blanks
             (f"a {tok.mask_token} circle above a {tok.mask_token} square"): the caption is exactly the template with
             its blanks filled by words (never pad). Fixed tokens are never changed.
-        num_inference_steps: K unmasking steps (default: max_length, one token per step).
-        guidance_scale: w on logits, w = 1 unguided (LLaDA's scale is w - 1). Needs an image.
+        num_inference_steps: K unmasking steps (default: the pipeline's `sample_config.caption_steps`, at most
+            max_length: one token per step at most).
+        guidance_scale: w on logits, w = 1 unguided (LLaDA's scale is w - 1). Needs an image. Default: the
+            pipeline's `sample_config.caption_guidance_scale`.
         max_length: caption length L in tokens, at most the model's `max_text_length` (its default).
         remasking: "low_confidence" (LLaDA: unmask the most confident guesses) or "random" (MDLM ancestral order).
         temperature: 0 picks the argmax; > 0 samples with float64 Gumbel noise.
@@ -81,17 +89,38 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         return_tokens: also return the token ids and per-token confidences.
         callback_on_step_end: `fn(pipe, step_index, t, {"token_ids": ids}) -> dict`; a returned "token_ids" replaces
             the current ids.
+        sampler, threshold, entropy_bound, block_length, remask_fraction, remask_window: which positions each step
+            unmasks (see `MaskedDiffusionScheduler`): "schedule" (K steps of the linear schedule), "threshold"
+            (every position with confidence >= threshold, at least one per caption), "entropy" (by confidence
+            within an entropy budget), block by block with `block_length`, and ReMDM remasking of a fraction of the
+            committed tokens inside `remask_window`. Unset, the text scheduler's config applies. The adaptive
+            samplers take as many steps as the captions need (`num_inference_steps` is then unused); captions that
+            are complete stop taking forward passes.
         """
         # 1. check inputs
         max_len_model = self.transformer.config.max_text_length
         max_length = max_len_model if max_length is None else max_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= max_len_model:
             raise ValueError(f"max_length must be an integer in [1, {max_len_model}] for this model, got {max_length}")
-        num_inference_steps = max_length if num_inference_steps is None else num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = self.default_caption_steps(max_length)
+        if guidance_scale is None:
+            guidance_scale = self.sample_config.caption_guidance_scale
         num_inference_steps = check_guidance(guidance_scale, num_inference_steps, MAX_TEXT_STEPS)
         guidance_interval = check_guidance_interval(guidance_interval)
-        if remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+        scheduler = self._text_scheduler_for(
+            sampler=sampler,
+            threshold=threshold,
+            entropy_bound=entropy_bound,
+            block_length=block_length,
+            remask_fraction=remask_fraction,
+            remask_window=None if remask_window is None else tuple(remask_window),
+        )
+        c = scheduler.config
+        check_sampler(
+            c.sampler, c.threshold, c.entropy_bound, c.block_length, c.remask_fraction, c.remask_window, remasking,
+            max_length, num_inference_steps,
+        )  # fmt: skip
         temperature = check_number("temperature", temperature, 0.0, meaning=" (0 = argmax)")
         device = self._execution_device
 
@@ -125,23 +154,10 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         )
 
         # 5. unmask
-        self.text_scheduler.set_timesteps(num_inference_steps, device=device)
-        confidences = fixed.float()
-        mask_id, pad_id = self.mask_token_id, self.tokenizer.pad_token_id
-        with self.progress_bar(total=num_inference_steps) as progress:
-            for i, t in enumerate(self.text_scheduler.timesteps):
-                logits = denoiser(ids, t)
-                # a template blank is a word: pad there would cut the caption short
-                logits[..., pad_id] = logits[..., pad_id].masked_fill(blanks, float("-inf"))
-                prev, step_conf = self._step(logits, t, ids, generator, temperature, remasking)
-                newly = (ids == mask_id) & (prev != mask_id)
-                confidences = torch.where(newly, step_conf, confidences)
-                ids = prev
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"token_ids": ids})
-                    ids = (out or {}).get("token_ids", ids)
-                progress.update()
-        self._num_forward_rows = denoiser.num_forward_rows
+        ids, confidences = self._unmask(
+            scheduler, denoiser, ids, fixed, blanks, num_inference_steps, generator, temperature, remasking,
+            callback_on_step_end,
+        )  # fmt: skip
 
         # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree. Guided logits
         # that overflowed pick tokens from NaN probabilities: refuse those captions rather than return them
@@ -150,6 +166,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                 f"sampling produced NaN or inf token probabilities: guidance_scale={guidance_scale:g} overflows the "
                 "guided logits; use a smaller one"
             )
+        pad_id = self.tokenizer.pad_token_id
         ended = (ids == pad_id).long().cumsum(1) > 0
         ids = ids.masked_fill(ended, pad_id)
         text = decode_captions(self.tokenizer, ids)
@@ -159,22 +176,86 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             return (text, token_ids, conf)
         return CaptionPipelineOutput(text=text, token_ids=token_ids, confidences=conf)
 
+    def _text_scheduler_for(self, **overrides) -> MaskedDiffusionScheduler:
+        """The text scheduler, or one built from its config with the given (non-None) settings replaced."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not overrides:
+            return self.text_scheduler
+        return MaskedDiffusionScheduler.from_config(self.text_scheduler.config, **overrides)
+
+    def _unmask(
+        self, scheduler, denoiser, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmask until no position is masked. Each step runs the transformer on the captions that still have a
+        masked position only (finished ones stop taking forward passes, guided or not). Returns (ids, the
+        probability each token had when it was unmasked)."""
+        mask_id, pad_id = self.mask_token_id, self.tokenizer.pad_token_id
+        confidences = fixed.float()
+        adaptive = scheduler.config.sampler != "schedule"
+        free = (ids == mask_id).sum(1).clamp_min(1)  # positions each caption has to fill
+        if adaptive:  # at least one position per caption and step: at most L steps
+            levels = [None] * int((ids == mask_id).sum(1).max())
+        else:
+            scheduler.set_timesteps(num_steps, device=ids.device, length=ids.shape[1])
+            levels = list(scheduler.timesteps)
+        with self.progress_bar(total=len(levels)) as progress:
+            for i, level in enumerate(levels):
+                active = (ids == mask_id).any(1)
+                if not active.any():
+                    if adaptive:
+                        break
+                    progress.update()
+                    continue
+                rows = None if active.all() else active.nonzero().flatten()
+                sub = ids if rows is None else ids[rows]
+                # the adaptive samplers condition each caption on its own mask level: the fraction still masked
+                t = (
+                    (sub == mask_id).sum(1).double().div(free if rows is None else free[rows]).float()
+                    if adaptive
+                    else level
+                )
+                logits = denoiser(sub, t, rows)
+                # a template blank is a word: pad there would cut the caption short
+                sub_blanks = blanks if rows is None else blanks[rows]
+                logits[..., pad_id] = logits[..., pad_id].masked_fill(sub_blanks, float("-inf"))
+                sub_fixed = fixed if rows is None else fixed[rows]
+                sub_gen = generator if rows is None or not isinstance(generator, list) else [generator[r] for r in rows]
+                step_t = level if level is not None else 1.0
+                prev, step_conf = self._step(scheduler, logits, step_t, sub, sub_fixed, sub_gen, temperature, remasking)
+                newly = (sub == mask_id) & (prev != mask_id)
+                if rows is None:
+                    confidences = torch.where(newly, step_conf, confidences)
+                    ids = prev
+                else:
+                    confidences[rows] = torch.where(newly, step_conf, confidences[rows])
+                    ids = ids.clone()
+                    ids[rows] = prev
+                if callback is not None:
+                    out = callback(self, i, level if level is not None else t, {"token_ids": ids})
+                    ids = (out or {}).get("token_ids", ids)
+                progress.update()
+        self._num_forward_rows = denoiser.num_forward_rows
+        return ids, confidences
+
     def _step(
         self,
+        scheduler: MaskedDiffusionScheduler,
         logits: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | float,
         ids: torch.Tensor,
+        fixed: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None,
         temperature: float,
         remasking: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One scheduler step; with one generator per caption, each row draws its noise from its own generator."""
         kwargs = {"temperature": temperature, "remasking": remasking}
+        mask_id = self.mask_token_id
         if not isinstance(generator, list):
-            out = self.text_scheduler.step(logits, t, ids, self.mask_token_id, generator=generator, **kwargs)
+            out = scheduler.step(logits, t, ids, mask_id, generator=generator, fixed=fixed, **kwargs)
             return out.prev_sample, out.confidence
         rows = [
-            self.text_scheduler.step(logits[r : r + 1], t, ids[r : r + 1], self.mask_token_id, generator=g, **kwargs)
+            scheduler.step(logits[r : r + 1], t, ids[r : r + 1], mask_id, generator=g, fixed=fixed[r : r + 1], **kwargs)
             for r, g in enumerate(generator)
         ]
         return torch.cat([r.prev_sample for r in rows]), torch.cat([r.confidence for r in rows])

@@ -46,6 +46,7 @@ def _sibling(pipe: MMDiffPipelineBase, cls: type) -> Any:
         raise TypeError(f"expected an mmdiff pipeline, got {type(pipe).__name__}")
     sibling = cls(**pipe.components)
     sibling._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    sibling.sample_config = pipe.sample_config
     return sibling
 
 
@@ -86,8 +87,8 @@ def sample_pairs(
     pipe: MMDiffPipelineBase,
     num_pairs: int = 4,
     caption_steps: int | None = None,
-    image_steps: int = 50,
-    guidance_scale: float = 3.0,
+    image_steps: int | None = None,
+    guidance_scale: float | None = None,
     num_images_per_caption: int = 1,
     max_length: int | None = None,
     remasking: str = "low_confidence",
@@ -125,9 +126,9 @@ def vary_image(
     image: ImageInput | list[ImageInput],
     num_variations: int = 4,
     caption_steps: int | None = None,
-    caption_guidance_scale: float = 2.0,
-    image_steps: int = 50,
-    guidance_scale: float = 3.0,
+    caption_guidance_scale: float | None = None,
+    image_steps: int | None = None,
+    guidance_scale: float | None = None,
     remasking: str = "low_confidence",
     temperature: float = 0.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -160,11 +161,12 @@ def infill_caption(
     template: str | list[str],
     image: ImageInput | list[ImageInput] | None = None,
     num_inference_steps: int | None = None,
-    guidance_scale: float = 2.0,
+    guidance_scale: float | None = None,
     remasking: str = "low_confidence",
     temperature: float = 0.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
     return_tokens: bool = False,
+    **sampler_kwargs,
 ) -> CaptionPipelineOutput:
     """Fill the blanks of a caption template, written with the tokenizer's mask token:
 
@@ -173,7 +175,8 @@ def infill_caption(
 
     Every other word stays as written and the caption ends where the template ends. With `image` the blanks are
     filled to match it (guided by `guidance_scale`); without, from p(text) alone (one caption per template).
-    num_inference_steps defaults to the number of blanks of the longest template.
+    num_inference_steps defaults to the number of blanks of the longest template. `sampler_kwargs` (sampler,
+    threshold, ...) choose the unmasking sampler as in the pipeline.
     """
     templates = [template] if isinstance(template, str) else template
     if not isinstance(templates, list | tuple) or not templates or not all(isinstance(t, str) for t in templates):
@@ -203,4 +206,5 @@ def infill_caption(
         num_captions=num_captions,
         generator=generator,
         return_tokens=return_tokens,
+        **sampler_kwargs,
     )

@@ -61,8 +61,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         self,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 3.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
@@ -77,6 +77,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     ) -> ImagePipelineOutput | tuple:
         """Args follow diffusers' text-to-image pipelines; w = `guidance_scale` = 1 means no guidance.
 
+        num_inference_steps, guidance_scale: unset, the pipeline's `sample_config` applies (a folder's saved
+            `sample.num_inference_steps` / `sample.guidance_scale`).
         prompt: a caption or a list; None or "" samples unconditionally (the learned null context).
         negative_prompt: replaces the null context as the unconditional branch (one, or one per prompt).
         guidance_interval: (t_low, t_high) in [0, 1]; outside it only the conditional pass runs.
@@ -88,6 +90,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": ...}) -> dict`; a returned "latents" replaces
             the current latents.
         """
+        if guidance_scale is None:
+            guidance_scale = self.sample_config.guidance_scale
         latents = self._sample(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -116,7 +120,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         prompt: str | list[str] | None,
         guidance_scales: Sequence[float],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
@@ -201,7 +205,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None,
         guidance_scales: list[float],
-        num_inference_steps: int,
+        num_inference_steps: int | None,
         guidance_interval: tuple[float, float] | None,
         guidance_rescale: float,
         num_images_per_prompt: int,
@@ -218,6 +222,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         Returns the N expanded prompts and the final latents (S*N, C, h, w), group s holding scale s.
         """
         # 1. check inputs
+        if num_inference_steps is None:
+            num_inference_steps = self.sample_config.num_inference_steps
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
         self.check_inputs(

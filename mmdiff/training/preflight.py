@@ -1,8 +1,7 @@
-"""Checks run when training starts, before anything is written: the configured inputs exist and the data options
-name a known caption policy.
+"""Checks run when training starts, before anything is written: the configured inputs exist.
 
 They are not part of :func:`mmdiff.config.load_config`: sampling commands load the training config of a checkpoint
-on machines where its data is absent, and the configuration layer does not import the data layer.
+on machines where its data is absent. (The data options' values are checked by `load_config` itself.)
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ def preflight(cfg: Config) -> CaptionPolicy:
 
 def check_caption_policy(cfg: Config) -> CaptionPolicy:
     """The caption policy of `cfg.data`; a ConfigError naming the key for an unknown `data.caption_choice` or
-    `data.text_task_phrasings` (the values the data layer defines)."""
+    `data.text_task_phrasings` (also checked by `load_config`, for a Config built another way)."""
     for key, allowed in (("caption_choice", CAPTION_CHOICES), ("text_task_phrasings", TEXT_TASK_PHRASINGS)):
         value = getattr(cfg.data, key)
         if value not in allowed:

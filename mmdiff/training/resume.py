@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -22,12 +21,6 @@ from accelerate import Accelerator
 
 from ..data.shards import SKIP_REASONS, SkipStats
 from .checkpoint import CheckpointError, list_checkpoints, load_training_state
-
-# Test hook: when set to a step number, the checkpoint save of that step blocks forever after writing part of its
-# files (and touches `<output_dir>/hanging-in-save`), so a test can SIGKILL the process in the middle of a save.
-HANG_IN_SAVE_ENV = "MMDIFF_TEST_HANG_IN_SAVE_AT_STEP"
-# Test hook: a folder where every process writes a digest of its final weights, to check that DDP kept them equal.
-PARAM_DIGEST_ENV = "MMDIFF_TEST_PARAM_DIGEST_DIR"
 
 
 class NonFiniteLossError(FloatingPointError, ValueError):
@@ -61,18 +54,6 @@ def total_skips(per_process: list[list[int]]) -> dict[str, int]:
     """Per-kind totals over all processes, only the kinds that occurred."""
     totals = {reason: sum(row[i] for row in per_process) for i, reason in enumerate(SKIP_REASONS)}
     return {reason: n for reason, n in totals.items() if n}
-
-
-def restore_skip_counts(extra: dict, rank: int, world_size: int) -> SkipStats:
-    """This process's skip counts from a checkpoint; on a different process count rank 0 carries the totals."""
-    stats = SkipStats()
-    rows = extra.get("skips_per_process") or []
-    reasons = extra.get("skip_reasons", list(SKIP_REASONS))
-    if len(rows) == world_size:
-        stats.accumulate(dict(zip(reasons, rows[rank], strict=True)))
-    elif rank == 0:
-        stats.accumulate({r: sum(row[i] for row in rows) for i, r in enumerate(reasons)})
-    return stats
 
 
 def load_latest_training_state(
@@ -113,24 +94,3 @@ def trim_metrics(path: Path, keep_through_step: int | None) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def maybe_hang_in_save(step: int, out: Path) -> None:
-    """Test hook (see HANG_IN_SAVE_ENV): block for good in the middle of writing checkpoint `step`."""
-    wanted = os.environ.get(HANG_IN_SAVE_ENV)
-    if wanted is None or int(wanted) != step:
-        return
-    (out / "hanging-in-save").write_text(str(step))
-    threading.Event().wait()  # never set: only SIGKILL ends the process, which is what the test is about
-
-
-def maybe_write_param_digest(model: torch.nn.Module, rank: int) -> None:
-    """Test hook (see PARAM_DIGEST_ENV): write `rank<r>.txt` holding a SHA-256 of this process's weights."""
-    folder = os.environ.get(PARAM_DIGEST_ENV)
-    if not folder:
-        return
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    Path(folder, f"rank{rank}.txt").write_text(digest.hexdigest())

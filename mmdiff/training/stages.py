@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..data.dataset import make_dataloader
 from ..data.shards import expand_urls, read_captions
 from ..data.tokenizer import build_tokenizer, load_tokenizer
@@ -75,12 +75,31 @@ def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> M
         raise ValueError(
             f"data.image_size={cfg.data.image_size} is not divisible by VAE factor {factor} x patch {m.patch_size}"
         )
-    return MMDiTModel(
+    return transformer_from_config(
+        m,
         sample_size=cfg.data.image_size // factor,
         in_channels=vae.config.latent_channels,
-        patch_size=m.patch_size,
         vocab_size=len(tokenizer),
         max_text_length=cfg.data.max_length,
+        external_text_dim=external_text_dim,
+    )
+
+
+def transformer_from_config(
+    m: ModelConfig,
+    sample_size: int,
+    in_channels: int,
+    vocab_size: int,
+    max_text_length: int,
+    external_text_dim: int | None = None,
+) -> MMDiTModel:
+    """The MMDiT a `model:` config section describes, for the given data shapes (training and `mmdiff bench`)."""
+    return MMDiTModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        patch_size=m.patch_size,
+        vocab_size=vocab_size,
+        max_text_length=max_text_length,
         hidden_size=m.hidden_size,
         depth=m.depth,
         num_heads=m.num_heads,

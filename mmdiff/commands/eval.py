@@ -1,12 +1,15 @@
-"""Command-line front ends: `mmdiff eval`, `mmdiff sweep`, `mmdiff eval-encoder` and `mmdiff plot`.
+"""`mmdiff eval`, `mmdiff sweep`, `mmdiff eval-encoder` and `mmdiff plot`: evaluation on any shards.
 
-`add_eval_parsers(sub)` adds the subcommands to mmdiff's parser; `run_eval_command(args)` runs one of them.
+`add_parser(sub)` adds the subcommands to mmdiff's parser; `run(args)` runs one of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from ..eval.encoder_train import DEFAULT_STEPS
+from .sample import add_sampler_options, sampler_settings
 
 EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
@@ -22,23 +25,38 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip", default=None, help="a local open_clip checkpoint (folder or file): CLIP score, FD")
     parser.add_argument("--inception", default=None, help="local InceptionV3 weights (FID as papers report it)")
-    parser.add_argument("--steps", type=int, default=50, help="image denoising steps")
-    parser.add_argument("--caption-steps", type=int, default=None, help="unmasking steps (default: one per token)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
+    )
+    parser.add_argument(
+        "--caption-steps", type=int, default=None, help="unmasking steps (default: the folder's saved sample settings)"
+    )
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
     parser.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    add_sampler_options(parser)
 
 
-def add_eval_parsers(sub) -> None:
+def add_parser(sub) -> None:
     """Add `eval`, `sweep`, `eval-encoder` and `plot` to an argparse subparsers object."""
     ev = sub.add_parser("eval", help="score a pipeline on any image-caption shards (both directions) -> JSON")
     _add_common(ev)
     ev.add_argument("--num-images", type=int, default=500)
     ev.add_argument("--num-captions", type=int, default=500)
-    ev.add_argument("--guidance-scale", type=float, default=3.0, help="text->image w; 1 = no guidance")
-    ev.add_argument("--caption-guidance-scale", type=float, default=2.0, help="image->text w on logits")
+    ev.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="text->image w; 1 = no guidance (default: the folder's saved sample settings)",
+    )
+    ev.add_argument(
+        "--caption-guidance-scale",
+        type=float,
+        default=None,
+        help="image->text w on logits (default: the folder's saved sample settings)",
+    )
     ev.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
     ev.add_argument("--diversity-prompts", type=int, default=8)
     ev.add_argument("--diversity-samples", type=int, default=16)
@@ -57,27 +75,52 @@ def add_eval_parsers(sub) -> None:
     sw.add_argument("--out", default="outputs/sweep")
     sw.set_defaults(nll_levels=4)
 
-    from .encoder import add_eval_encoder_parser
-
-    add_eval_encoder_parser(sub)
+    _add_eval_encoder_parser(sub)
+    samplers = sub.add_parser(
+        "eval-samplers",
+        help="caption samplers compared: caption scores against transformer rows and captions/s (table and plot)",
+    )
+    samplers.add_argument("--model", required=True, help="a saved pipeline folder")
+    samplers.add_argument("--shards", required=True, help="held-out shards (folder, glob, brace range or list)")
+    samplers.add_argument("--num", type=int, default=512, help="images to caption with every setting")
+    samplers.add_argument("--guidance-scale", type=float, default=None, help="caption w (default: the folder's)")
+    samplers.add_argument("--batch-size", type=int, default=64)
+    samplers.add_argument("--seed", type=int, default=0)
+    samplers.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    samplers.add_argument("--out", default="outputs/samplers")
     plot = sub.add_parser("plot", help="a training run's losses and in-training evaluation against the step")
     plot.add_argument("run_dir", help="a `mmdiff train` output folder (holds metrics.jsonl)")
     plot.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/training_plot.png)")
 
 
-def run_eval_command(args) -> int:
+def run(args) -> int:
     """Dispatch one of EVAL_COMMANDS; prints a short summary and returns the exit status."""
     if args.cmd == "plot":
-        from .training_plot import plot_run
+        from ..eval.training_plot import plot_run
 
         print(f"wrote {plot_run(args.run_dir, args.out)}")
         return 0
-    if args.cmd == "eval-encoder":
-        from .encoder import eval_encoder_command
+    if args.cmd == "eval-samplers":
+        from ..eval.samplers import accuracy_key, compare_caption_samplers
 
-        return eval_encoder_command(args)
+        if args.num < 2 or args.batch_size < 1:
+            raise ValueError(f"--num must be >= 2 and --batch-size >= 1, got {args.num} and {args.batch_size}")
+        record = compare_caption_samplers(
+            args.model, args.shards, args.num, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+            seed=args.seed, device=args.device, out_dir=args.out,
+        )  # fmt: skip
+        key = accuracy_key(record["settings"][0])
+        for row in record["settings"]:
+            print(
+                f"{row['setting']:30s} {key} {row[key]:.3f}  rows/caption {row['rows_per_caption']:6.1f}  "
+                f"captions/s {row['captions_per_s']:7.1f}"
+            )
+        print(f"wrote {args.out}/{{samplers.json, samplers.csv, samplers_plot.png}}")
+        return 0
+    if args.cmd == "eval-encoder":
+        return _eval_encoder_command(args)
     if args.cmd == "eval":
-        from .run import evaluate
+        from ..eval.run import evaluate
 
         result = evaluate(
             args.model,
@@ -100,6 +143,7 @@ def run_eval_command(args) -> int:
             scheduler=args.scheduler,
             device=args.device,
             out=args.out,
+            caption_sampler=sampler_settings(args),
         )
         t2i, i2t = result["text_to_image"], result["image_to_text"]
         summary = {"feature_space": t2i.get("feature_space")}
@@ -113,7 +157,7 @@ def run_eval_command(args) -> int:
             print(f"note: {note}")
         print(f"wrote {args.out}")
         return 0
-    from .sweep import sweep
+    from ..eval.sweep import sweep
 
     record = sweep(
         args.model,
@@ -136,6 +180,7 @@ def run_eval_command(args) -> int:
         scheduler=args.scheduler,
         device=args.device,
         out_dir=args.out,
+        caption_sampler=sampler_settings(args),
     )
     for row in record["text_to_image"]:
         figures = [f"{k} {row[k]:.4g}" for k in ("fd", "clip_score", "r_precision", "prompt_accuracy") if k in row]
@@ -143,4 +188,57 @@ def run_eval_command(args) -> int:
     for note in record["notes"]:
         print(f"note: {note}")
     print(f"wrote {args.out}/{{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}}")
+    return 0
+
+
+def _add_eval_encoder_parser(sub) -> None:
+    """Add `mmdiff eval-encoder` to an argparse subparsers object."""
+    p = sub.add_parser(
+        "eval-encoder",
+        help="train the contrastive image-text encoder of `eval` / `sweep` (FD, KID, CLIP score, R-precision) on "
+        "your shards",
+    )
+    p.add_argument("--shards", required=True, help="training shards (folder, glob, brace range or list)")
+    p.add_argument("--val-shards", required=True, help="held-out shards: the retrieval accuracy is measured on them")
+    p.add_argument("--out", required=True, help="folder for the encoder (safetensors, tokenizer/, training.json)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None, help="default: the first training image's shorter side")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    p.add_argument("--max-records", type=int, default=None, help="read at most this many training records")
+    p.add_argument("--max-val-records", type=int, default=5000)
+    p.add_argument("--eval-every", type=int, default=0, help="also measure retrieval every N steps (0: at the end)")
+
+
+def _eval_encoder_command(args) -> int:
+    """Run `mmdiff eval-encoder`: train, print the held-out retrieval accuracy and where the encoder is."""
+    from ..eval.encoder_train import train_eval_encoder
+
+    record = train_eval_encoder(
+        args.shards,
+        args.val_shards,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_records=args.max_records,
+        max_val_records=args.max_val_records,
+        eval_every=args.eval_every,
+        device=args.device,
+    )
+    r, full = record["retrieval"], record["retrieval"]["full_gallery"]
+    print(
+        f"trained on {record['train_data']['num_records']} records at {record['image_size']} px for "
+        f"{record['steps']} steps ({record['train_seconds']} s), final loss {record['final_loss']}"
+    )
+    print(
+        f"held-out retrieval top-1 over {r['num_galleries']} galleries of R = {r['gallery_size']} (chance "
+        f"{r['chance']:.3f}): image->text {r['image_to_text_top1']:.3f}, text->image {r['text_to_image_top1']:.3f}; "
+        f"over all {full['size']} pairs: {full['image_to_text_top1']:.3f}, {full['text_to_image_top1']:.3f}"
+    )
+    print(f"wrote {args.out} (vocabulary {record['vocabulary']['size']} words)")
     return 0

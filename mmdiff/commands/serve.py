@@ -1,4 +1,4 @@
-"""`mmdiff serve`: the web demo. The parser (`add_parser`) and the command (`run`), hooked into `mmdiff.cli`."""
+"""`mmdiff serve`: the web demo. The parser (`add_parser`) and the command (`run`), one of `mmdiff.commands`."""
 
 from __future__ import annotations
 
@@ -60,9 +60,11 @@ def run(args) -> int:
 
         folder = Path(args.model) if args.model else find_repo_file(SHIPPED_MODEL)
         samples = args.samples or _default_samples()
-        from .app import build_app, launch
-        from .handlers import load_model
+        from ..pipelines import check_pipeline_folder
+        from ..serve.app import build_app, launch
+        from ..serve.handlers import load_model
 
+        check_pipeline_folder(folder)  # a bad folder is the one error line, before anything is printed
         print(f"mmdiff serve: loading {folder} ...", flush=True)
         model = load_model(folder, args.device, samples)
         demo = build_app(model)

@@ -1,4 +1,6 @@
-"""`mmdiff generate` and `mmdiff caption`: the pipelines from the command line, writing PNGs, grids and JSON."""
+"""`mmdiff generate`, `caption`, `sample-pairs` and `vary`: the pipelines from the command line, writing PNGs, grids
+and JSON. Unset sampling options take the pipeline folder's saved sample settings (`MMDiffPipelineBase.sample_config`).
+"""
 
 from __future__ import annotations
 
@@ -7,62 +9,27 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers.utils import logging as diffusers_logging
 
-
-def pick_device(device: str | None) -> str:
-    """`device` when this machine has it (else a ValueError saying so); without one, cuda when available."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device; give cpu, cuda, cuda:1, mps ...") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        raise ValueError(f"--device {device!r}: this machine has no {kind} device to run on; try --device cpu")
-    return device
-
-
-def save_grid(images: list[PIL.Image.Image], rows: int, path: Path, min_cell: int = 128) -> Path:
-    """Tile images row-major into one PNG, upscaling small images (nearest) so a person can see them."""
-    from diffusers.utils import make_image_grid
-
-    cols = (len(images) + rows - 1) // rows
-    images = images + [PIL.Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
-    scale = max(1, min_cell // images[0].width)
-    images = [im.resize((im.width * scale, im.height * scale), PIL.Image.NEAREST) for im in images]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=rows, cols=cols).save(path)
-    return path
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from ..eval.plots import save_grid
 
 
 def load_pipe(cls, args):
-    """`cls.from_pretrained(args.model)` on `args.device` in `args.dtype`, progress bar as `args.quiet` says."""
-    device = pick_device(args.device)
+    """The command's pipeline (`load_pipeline` with --model, --device, --dtype, --scheduler, --compile, --quiet)
+    and a generator seeded with --seed."""
+    from ..pipelines.factory import load_pipeline, pick_device
+
     if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise ValueError(f"--seed {args.seed} is out of range: it must lie in [0, 2**64 - 1]")
-    quiet = bool(getattr(args, "quiet", False))
-    was_enabled = diffusers_logging.is_progress_bar_enabled()
-    if quiet:  # diffusers' "Loading pipeline components" bar is global; restored below
-        diffusers_logging.disable_progress_bar()
-    try:
-        # `dtype` is diffusers 0.42's spelling of `torch_dtype` (the old name still works, with a FutureWarning)
-        pipe = cls.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device)
-    finally:
-        if was_enabled:
-            diffusers_logging.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=quiet)
-    if getattr(args, "compile", False):
-        pipe.transformer.compile()  # in place: same class, config and weights; the first call compiles
-    if getattr(args, "scheduler", None):
-        from .pipelines import swap_scheduler
-
-        swap_scheduler(pipe, args.scheduler)
-    return pipe, torch.Generator(device).manual_seed(args.seed)
+    pipe = load_pipeline(
+        args.model,
+        cls,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=getattr(args, "scheduler", None),
+        compile=getattr(args, "compile", False),
+        progress=not getattr(args, "quiet", False),
+    )
+    return pipe, torch.Generator(pick_device(args.device)).manual_seed(args.seed)
 
 
 def open_image_file(path: str | Path) -> PIL.Image.Image:
@@ -125,7 +92,7 @@ def _save_images(images: list[PIL.Image.Image], out: Path, records: list[dict]) 
 
 
 def generate_command(args) -> int:
-    from .pipelines import MMDiffTextToImagePipeline
+    from ..pipelines import MMDiffTextToImagePipeline
 
     check_out(args.out, folder=True)
     prompts = list(args.prompt)
@@ -172,7 +139,7 @@ def _write_captions(out: Path, records: list[dict], texts: list[str]) -> None:
 
 
 def caption_command(args) -> int:
-    from .pipelines import MMDiffImageToTextPipeline, infill_caption
+    from ..pipelines import MMDiffImageToTextPipeline, infill_caption
 
     check_out(args.out, folder=False)
     if args.prompt and args.template:
@@ -183,7 +150,7 @@ def caption_command(args) -> int:
         raise ValueError(f"--num must be >= 1 (images to caption from --shards), got {args.num}")
     images, names = [], []
     if args.shards:
-        from .data.shards import expand_urls, iterate_records
+        from ..data.shards import expand_urls, iterate_records
 
         for key, image, caption, _ in iterate_records(expand_urls(args.shards)):
             images.append(image)
@@ -204,6 +171,7 @@ def caption_command(args) -> int:
         temperature=args.temperature,
         generator=generator,
         return_tokens=True,
+        **sampler_settings(args),
     )
     if not images:
         names = [{"unconditional": i} for i in range(args.unconditional)]
@@ -230,7 +198,7 @@ def caption_command(args) -> int:
 
 
 def sample_pairs_command(args) -> int:
-    from .pipelines import MMDiffTextToImagePipeline, sample_pairs
+    from ..pipelines import MMDiffTextToImagePipeline, sample_pairs
 
     check_out(args.out, folder=True)
     pipe, generator = load_pipe(MMDiffTextToImagePipeline, args)
@@ -250,7 +218,7 @@ def sample_pairs_command(args) -> int:
 
 
 def vary_command(args) -> int:
-    from .pipelines import MMDiffTextToImagePipeline, vary_image
+    from ..pipelines import MMDiffTextToImagePipeline, vary_image
 
     check_out(args.out, folder=True)
     if not args.images:
@@ -276,3 +244,120 @@ def vary_command(args) -> int:
         print(f"grid: {save_grid(result.images, len(args.images), out / 'grid.png')}")
     print(f"wrote {len(result.images)} variations to {out}")
     return 0
+
+
+def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> None:
+    """Options every sampling subcommand shares: the folder, device, dtype, seed, output and progress bar."""
+    parser.add_argument("--model", required=True, help="a saved pipeline folder")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (pays off on many calls)")
+    if scheduler:
+        parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
+
+
+def add_sampler_options(parser) -> None:
+    """The caption sampler's options (unset: the folder's text scheduler config)."""
+    from ..diffusion.masked import SAMPLERS
+
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="which positions each step unmasks")
+    parser.add_argument("--threshold", type=float, default=None, help="--sampler threshold: confidence tau in (0, 1]")
+    parser.add_argument("--entropy-bound", type=float, default=None, help="--sampler entropy: gamma in nats (> 0)")
+    parser.add_argument("--block-length", type=int, default=None, help="decode left to right in blocks of N tokens")
+    parser.add_argument(
+        "--remask-fraction", type=float, default=None, help="ReMDM: remask this fraction of committed tokens, [0, 1)"
+    )
+    parser.add_argument(
+        "--remask-window", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"), help="levels that remask"
+    )
+
+
+def sampler_settings(args) -> dict:
+    """The caption sampler options given on the command line, as pipeline keyword arguments."""
+    names = ("sampler", "threshold", "entropy_bound", "block_length", "remask_fraction", "remask_window")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def add_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="text -> image with a saved pipeline folder")
+    _add_pipeline_options(gen, "outputs/generate")
+    gen.add_argument("--prompt", action="append", default=[], help="repeatable; '' samples unconditionally")
+    gen.add_argument("--prompts-file", help="one prompt per line")
+    gen.add_argument("--negative-prompt", help="replaces the null context as the unguided branch")
+    gen.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the folder's saved sample settings)"
+    )
+    gen.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="w; 1 = no guidance (default: the folder's saved sample settings)",
+    )
+    gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
+    gen.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1]")
+    gen.add_argument("--num-images-per-prompt", type=int, default=1)
+    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's resolution)")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--grid", action="store_true", help="also write one image grid (prompts x samples)")
+
+    cap = sub.add_parser("caption", help="image -> text with a saved pipeline folder")
+    _add_pipeline_options(cap, "outputs/captions.json", scheduler=False)
+    cap.add_argument("images", nargs="*", help="image files")
+    cap.add_argument("--shards", help="caption the first --num images of these shards instead")
+    cap.add_argument("--num", type=int, default=16)
+    cap.add_argument("--unconditional", type=int, default=0, metavar="N", help="N captions from p(text), no image")
+    cap.add_argument("--prompt", help="a fixed caption prefix, e.g. 'a small red'")
+    cap.add_argument("--template", help="a caption with the tokenizer's mask token (e.g. [MASK]) at each blank")
+    cap.add_argument(
+        "--steps", type=int, default=None, help="unmasking steps (default: the folder's saved sample settings)"
+    )
+    cap.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="w on logits; 1 = no guidance (default: the folder's saved sample settings)",
+    )
+    cap.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
+    cap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    add_sampler_options(cap)
+    cap.add_argument("--temperature", type=float, default=0.0, help="0 = argmax")
+    cap.add_argument("--max-length", type=int, default=None, help="caption tokens (default: the model's)")
+    cap.add_argument("--tokens", action="store_true", help="also write token ids and per-token confidences")
+
+    pairs = sub.add_parser(
+        "sample-pairs", help="joint image-caption samples: caption ~ p(text), image ~ p(image|caption)"
+    )
+    _add_pipeline_options(pairs, "outputs/pairs")
+    pairs.add_argument("--num", type=int, default=8)
+    pairs.add_argument("--caption-steps", type=int, default=None)
+    pairs.add_argument(
+        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
+    )
+    pairs.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's saved sample settings")
+    pairs.add_argument("--temperature", type=float, default=1.0, help="caption sampling temperature")
+
+    vary = sub.add_parser("vary", help="image variation: caption each image, then generate from the caption")
+    _add_pipeline_options(vary, "outputs/variations")
+    vary.add_argument("images", nargs="*", help="image files")
+    vary.add_argument("--num-variations", type=int, default=4)
+    vary.add_argument(
+        "--caption-guidance-scale", type=float, default=None, help="default: the folder's saved sample settings"
+    )
+    vary.add_argument(
+        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
+    )
+    vary.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's saved sample settings")
+    vary.add_argument("--grid", action="store_true", help="also write one grid (images x variations)")
+
+
+def run(args) -> int:
+    handlers = {
+        "generate": generate_command,
+        "caption": caption_command,
+        "sample-pairs": sample_pairs_command,
+        "vary": vary_command,
+    }
+    return handlers[args.cmd](args)
