@@ -42,6 +42,11 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
 
     by_steps = report["caption"]["by_steps"]
     assert set(by_steps) == {str(k) for k in report["preset"]["caption_steps"]}
+    # the samplers on the shipped model: the 16-step schedule runs 2 x 16 rows per caption (CFG), the adaptive
+    # samplers fewer
+    samplers = report["caption"]["samplers"]["results"]
+    assert samplers["schedule K=16"]["rows_per_caption"] == 32
+    assert all(r["rows_per_caption"] < 32 and r["per_s"] > 0 for n, r in samplers.items() if n != "schedule K=16")
     assert all(r["cached_kv"]["per_s"] > 0 and r["recompute_kv"]["per_s"] > 0 for r in by_steps.values())
 
     scaling = report["scaling"]

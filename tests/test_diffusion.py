@@ -100,7 +100,7 @@ def test_unmasking_leaves_no_mask_keeps_fixed_tokens_and_follows_schedule():
     ids[0, :3] = torch.tensor([5, 6, 7])  # a fixed prefix
     for remasking in ("low_confidence", "random"):
         history = _unmask_all(
-            MaskedDiffusionScheduler(remasking=remasking),
+            MaskedDiffusionScheduler(sampler="schedule", remasking=remasking),
             ids,
             logits_fn,
             steps,
@@ -116,14 +116,14 @@ def test_unmasking_leaves_no_mask_keeps_fixed_tokens_and_follows_schedule():
             clean = before != 1
             assert torch.equal(after[clean], before[clean])
     # argmax decoding with the same logits picks the table's argmax everywhere
-    greedy = _unmask_all(MaskedDiffusionScheduler(), torch.full((1, length), 1), logits_fn, steps)[-1]
+    greedy = _unmask_all(MaskedDiffusionScheduler(sampler="schedule"), torch.full((1, length), 1), logits_fn, steps)[-1]
     expected = table.clone()
     expected[:, 1] = -float("inf")
     assert torch.equal(greedy[0], expected.argmax(-1))
 
 
 def test_scheduler_saves_and_loads(tmp_path):
-    sched = MaskedDiffusionScheduler(remasking="random", temperature=0.7)
+    sched = MaskedDiffusionScheduler(sampler="schedule", remasking="random", temperature=0.7)
     sched.save_pretrained(tmp_path)
     loaded = MaskedDiffusionScheduler.from_pretrained(tmp_path)
     assert loaded.config.remasking == "random" and loaded.config.temperature == 0.7

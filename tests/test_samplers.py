@@ -82,7 +82,7 @@ def test_blocks_decode_left_to_right():
 
 
 def test_remasking_masks_committed_tokens_only_inside_the_window():
-    scheduler = MaskedDiffusionScheduler(remask_fraction=0.5, remask_window=(0.3, 1.0))
+    scheduler = MaskedDiffusionScheduler(sampler="schedule", remask_fraction=0.5, remask_window=(0.3, 1.0))
     scheduler.set_timesteps(4, length=LENGTH)
     ids = torch.tensor([[5, 6, 7, 8, MASK, MASK, MASK, MASK]])
     fixed = torch.tensor([[True, True, False, False, False, False, False, False]])

@@ -115,10 +115,6 @@ def check_sampler(
             f"remask_fraction > 0 needs sampler='schedule': the {sampler} sampler stops when nothing is masked, so "
             "remasking could keep it from ever finishing"
         )
-    if sampler != "schedule" and remasking != "low_confidence":
-        raise ValueError(
-            f"remasking={remasking!r} orders the schedule sampler's picks; the {sampler} sampler picks by confidence"
-        )
 
 
 def _number(value: object) -> bool:
@@ -159,8 +155,10 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
       LLaDA) or random ones ("random", MDLM ancestral order).
     - "threshold" (Fast-dLLM): every masked position whose confidence is at least `threshold`, and always the most
       confident one, so a step never stalls. The number of steps follows the model's confidence.
-    - "entropy" (EB-sampler): positions in order of confidence while the summed entropy of the chosen ones, less the
-      largest, stays within `entropy_bound` (nats): the most confident one always goes.
+    - "entropy" (EB-sampler; the default, at 0.003 nats): positions in order of confidence while the summed entropy
+      of the chosen ones, less the largest, stays within `entropy_bound` (nats): the most confident one always goes.
+      On the shipped shapes model it gives the 16-step schedule's caption accuracy with 3.8x fewer transformer rows
+      (README, "Caption samplers").
     `block_length` decodes left to right block by block (LLaDA's semi-autoregressive blocks): only the masked
     positions of the current block compete; "schedule" gives each block K / blocks steps, the others move on when a
     block is filled. The last block is shorter when the length is not a multiple of `block_length`.
@@ -179,9 +177,9 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self,
         remasking: str = "low_confidence",
         temperature: float = 0.0,
-        sampler: str = "schedule",
-        threshold: float = 0.9,
-        entropy_bound: float = 0.5,
+        sampler: str = "entropy",
+        threshold: float = 0.99,
+        entropy_bound: float = 0.003,
         block_length: int | None = None,
         remask_fraction: float = 0.0,
         remask_window: tuple[float, float] = (0.0, 1.0),

@@ -29,9 +29,16 @@ DEFAULT_SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("schedule K=16", {"sampler": "schedule", "num_inference_steps": 16}),
     ("schedule K=8", {"sampler": "schedule", "num_inference_steps": 8}),
     ("schedule K=4", {"sampler": "schedule", "num_inference_steps": 4}),
-    *[(f"threshold {tau}", {"sampler": "threshold", "threshold": tau}) for tau in (0.99, 0.95, 0.9, 0.8, 0.7, 0.5)],
-    *[(f"entropy {g}", {"sampler": "entropy", "entropy_bound": g}) for g in (0.01, 0.05, 0.1, 0.3, 1.0, 3.0)],
-    ("threshold 0.9, blocks of 4", {"sampler": "threshold", "threshold": 0.9, "block_length": 4}),
+    *[
+        (f"threshold {tau}", {"sampler": "threshold", "threshold": tau})
+        for tau in (0.999, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5)
+    ],
+    *[
+        (f"entropy {g}", {"sampler": "entropy", "entropy_bound": g})
+        for g in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    ],
+    ("threshold 0.99, blocks of 4", {"sampler": "threshold", "threshold": 0.99, "block_length": 4}),
+    ("threshold 0.99, blocks of 8", {"sampler": "threshold", "threshold": 0.99, "block_length": 8}),
     ("threshold 0.9, blocks of 8", {"sampler": "threshold", "threshold": 0.9, "block_length": 8}),
     ("schedule K=8, blocks of 8", {"sampler": "schedule", "num_inference_steps": 8, "block_length": 8}),
     *[
@@ -149,6 +156,8 @@ def plot_samplers(record: dict[str, Any], path: Path) -> Path:
     ax.axhline(reference[key] - (0.005 if key == "all" else 0.0), color="grey", lw=0.8, ls="--")
     ax.axvline(reference["rows_per_caption"] / 2, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
+    ax.set_xticks([2, 4, 8, 16, 32, 64], labels=["2", "4", "8", "16", "32", "64"])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("transformer rows per caption (log; CFG rows included)")
     ax.set_ylabel("captions with every attribute right" if key == "all" else "CIDEr-D")
     ax.set_title(f"caption samplers, {record['num']} held-out images, w = {record['guidance_scale']:g}", fontsize=10)

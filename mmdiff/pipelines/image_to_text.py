@@ -54,7 +54,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         max_length: int | None = None,
-        remasking: str = "low_confidence",
+        remasking: str | None = None,
         temperature: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         num_captions: int | None = None,
@@ -76,12 +76,15 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             it is a prefix ("a small red"); with it, a template whose mask tokens are the blanks
             (f"a {tok.mask_token} circle above a {tok.mask_token} square"): the caption is exactly the template with
             its blanks filled by words (never pad). Fixed tokens are never changed.
-        num_inference_steps: K unmasking steps (default: the pipeline's `sample_config.caption_steps`, at most
-            max_length: one token per step at most).
+        num_inference_steps: K unmasking steps of the "schedule" sampler. Given without `sampler`, it selects that
+            sampler (K steps asked for, K steps run); unset, the text scheduler's configured sampler runs (by default
+            "entropy" at 0.003 nats: as many steps as the captions need), and a "schedule" sampler takes the
+            pipeline's `sample_config.caption_steps`, at most max_length.
         guidance_scale: w on logits, w = 1 unguided (LLaDA's scale is w - 1). Needs an image. Default: the
             pipeline's `sample_config.caption_guidance_scale`.
         max_length: caption length L in tokens, at most the model's `max_text_length` (its default).
-        remasking: "low_confidence" (LLaDA: unmask the most confident guesses) or "random" (MDLM ancestral order).
+        remasking: the schedule sampler's order: "low_confidence" (LLaDA: unmask the most confident guesses) or
+            "random" (MDLM ancestral order); given without `sampler`, it selects the schedule sampler.
         temperature: 0 picks the argmax; > 0 samples with float64 Gumbel noise.
         guidance_interval: (t_low, t_high) mask levels where CFG applies; elsewhere only the conditional pass runs.
         generator: one generator, or one per caption; with a list, caption i draws all its randomness from
@@ -93,17 +96,26 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             unmasks (see `MaskedDiffusionScheduler`): "schedule" (K steps of the linear schedule), "threshold"
             (every position with confidence >= threshold, at least one per caption), "entropy" (by confidence
             within an entropy budget), block by block with `block_length`, and ReMDM remasking of a fraction of the
-            committed tokens inside `remask_window`. Unset, the text scheduler's config applies. The adaptive
-            samplers take as many steps as the captions need (`num_inference_steps` is then unused); captions that
-            are complete stop taking forward passes.
+            committed tokens inside `remask_window`. Unset, the text scheduler's config applies (but see
+            `num_inference_steps`). The adaptive samplers take as many steps as the captions need; captions that are
+            complete stop taking forward passes.
         """
         # 1. check inputs
         max_len_model = self.transformer.config.max_text_length
         max_length = max_len_model if max_length is None else max_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= max_len_model:
             raise ValueError(f"max_length must be an integer in [1, {max_len_model}] for this model, got {max_length}")
-        if num_inference_steps is None:
-            num_inference_steps = self.default_caption_steps(max_length)
+        if sampler is None and (num_inference_steps is not None or remasking is not None):
+            sampler = "schedule"  # K steps or an unmasking order asked for: the linear schedule's
+        if sampler in ("threshold", "entropy") and remasking not in (None, "low_confidence"):
+            raise ValueError(
+                f"remasking={remasking!r} orders the schedule sampler's picks; the {sampler} sampler picks "
+                "by confidence"
+            )
+        remasking = remasking or self.text_scheduler.config.remasking
+        configured = sampler or self.text_scheduler.config.sampler
+        if num_inference_steps is None:  # the adaptive samplers do not use it: at most one step per token
+            num_inference_steps = self.default_caption_steps(max_length) if configured == "schedule" else max_length
         if guidance_scale is None:
             guidance_scale = self.sample_config.caption_guidance_scale
         num_inference_steps = check_guidance(guidance_scale, num_inference_steps, MAX_TEXT_STEPS)
