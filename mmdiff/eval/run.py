@@ -113,14 +113,15 @@ def evaluate(
     benchmark = find_benchmark(records)
     pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
     # settings left unset: the folder's saved sample settings (recorded resolved in the JSON)
+    # (caption_steps stays unset: the captioner's own sampler then runs, recorded below)
     settings = pipe.fill_sample_settings(
         guidance_scale=guidance_scale,
         caption_guidance_scale=caption_guidance_scale,
         num_inference_steps=num_inference_steps,
-        caption_steps=caption_steps,
     )
     guidance_scale, caption_guidance_scale = settings["guidance_scale"], settings["caption_guidance_scale"]
-    num_inference_steps, caption_steps = settings["num_inference_steps"], settings["caption_steps"]
+    num_inference_steps = settings["num_inference_steps"]
+    caption_sampler = effective_caption_sampler(pipe, caption_steps, caption_sampler)
     evaluated = records.head(max(num_images, num_captions))
     spaces, notes = resolve_encoders(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, evaluated.images,
@@ -212,6 +213,21 @@ def evaluate(
     return result
 
 
+def effective_caption_sampler(pipe, caption_steps: int | None, given: dict[str, Any] | None) -> dict[str, Any]:
+    """The caption sampler a run uses, for its record: the options given, else the K-step schedule when caption steps
+    are given, else the text scheduler's configured sampler with its parameter."""
+    if given:
+        return dict(given)
+    if caption_steps is not None:
+        return {"sampler": "schedule", "num_inference_steps": caption_steps}
+    config = pipe.text_scheduler.config
+    parameter = {"entropy": "entropy_bound", "threshold": "threshold"}.get(config.sampler)
+    sampler = {"sampler": config.sampler, **({parameter: config[parameter]} if parameter else {})}
+    if config.sampler == "schedule":
+        sampler["num_inference_steps"] = pipe.default_caption_steps()
+    return sampler
+
+
 def caption_report(
     pipe,
     records: EvalRecords,
@@ -232,9 +248,9 @@ def caption_report(
     each joint space, the NLL bounds (bits per token) with the image (CFG-combined logits at `nll_guidance_scale`)
     and with the null context (`nll_null_bits` when the caller has it already: it does not depend on the scale), and
     the benchmark's exact scores and probes."""
-    texts = generate_captions(
-        pipe, records.images, guidance_scale, caption_steps, batch_size, seed, **(caption_sampler or {})
-    )
+    sampler = dict(caption_sampler or {})
+    steps = sampler.pop("num_inference_steps", caption_steps)
+    texts = generate_captions(pipe, records.images, guidance_scale, steps, batch_size, seed, **sampler)
     report: dict[str, Any] = {"guidance_scale": guidance_scale, "num": len(texts)}
     report.update(generic_caption_metrics(texts, records.references))
     per_space = {name: caption_space_metrics(enc, records.images, texts) for name, enc in spaces.items()}

@@ -31,7 +31,7 @@ from .encoders import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
 from .plots import plot_sweep, save_labeled_grid
 from .records import load_eval_records
-from .run import caption_report, check_counts, model_name, write_json
+from .run import caption_report, check_counts, effective_caption_sampler, model_name, write_json
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_CAPTION_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -121,8 +121,8 @@ def sweep(
     reference = records.head(max(len(expanded), 2))
     pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
     # steps left unset: the folder's saved sample settings (recorded resolved in the JSON)
-    settings = pipe.fill_sample_settings(num_inference_steps=num_inference_steps, caption_steps=caption_steps)
-    num_inference_steps, caption_steps = settings["num_inference_steps"], settings["caption_steps"]
+    num_inference_steps = pipe.fill_sample_settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
+    caption_sampler = effective_caption_sampler(pipe, caption_steps, caption_sampler)
     spaces, notes = resolve_encoders(
         encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, records.images,
         records.prompts,

@@ -15,6 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from ..diffusion.masked import SAMPLERS  # noqa: E402
 from ..pipelines import SCHEDULERS  # noqa: E402
 from . import handlers  # noqa: E402
 from .handlers import SAVED, ServeModel  # noqa: E402
@@ -196,6 +197,11 @@ def _image_to_text_tab(model: ServeModel) -> None:
                     value=defaults["caption_steps"], label="Steps", precision=0, minimum=1, elem_id="i2t-steps"
                 )
                 remasking = gr.Dropdown(["low_confidence", "random"], value="low_confidence", label="Remasking")
+            caption_sampler = gr.Dropdown(
+                list(SAMPLERS),
+                value=defaults["caption_sampler"],
+                label="Sampler (steps and remasking apply to 'schedule'; the others take as many steps as needed)",
+            )
             with gr.Row():
                 temperature = gr.Number(value=0.0, label="Temperature (0 = argmax)", minimum=0)
                 seed = gr.Number(value=0, label="Seed", precision=0, minimum=0)
@@ -215,14 +221,17 @@ def _image_to_text_tab(model: ServeModel) -> None:
     sample.select(lambda label: None, sample, upload, queue=False).then(on_preview, [upload, sample], shown)
 
     @_shown
-    def event(file, label, unconditional, count, scale, steps, remasking, temperature, fixed, seed, progress=PROGRESS):
+    def event(
+        file, label, unconditional, count, scale, steps, remasking, temperature, fixed, seed, how, progress=PROGRESS
+    ):
         report = _progress_reporter(progress, "unmasking")
         text, where = handlers.caption(
-            model, file, label, scale, steps, remasking, temperature, fixed, unconditional, count, seed, report
+            model, file, label, scale, steps, remasking, temperature, fixed, unconditional, count, seed, report, how
         )
         return "\n".join(text), where
 
     inputs = [upload, sample, unconditional, num_uncond, scale, steps, remasking, temperature, fixed, seed]
+    inputs.append(caption_sampler)
     run.click(event, inputs, [captions, source], api_name="caption")
 
 

@@ -7,6 +7,7 @@ raises the pipeline's own one-line ValueError / TypeError for bad input; the pag
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..diffusion.masked import REMASKING, SAMPLERS
 from ..pipelines import SCHEDULERS, MMDiffTextToImagePipeline, as_image_to_text
 from ..pipelines.schedulers import make_scheduler
 
@@ -26,8 +28,6 @@ MAX_STEPS = 200  # denoising steps per request
 MAX_CAPTIONS = 16  # unconditional captions per request
 MAX_PIXELS = 4096 * 4096  # uploads above this are refused before they are decoded
 SAVED = "as saved"  # the scheduler choice that keeps the folder's own scheduler
-# The page's starting values where the folder saves no sample settings (the shipped model's own).
-DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "caption_steps": 16, "caption_guidance_scale": 2.0}
 
 # Progress reports (done, total) -> None; the page passes gr.Progress, tests pass nothing.
 Progress = Callable[[tuple[int, int]], Any] | None
@@ -60,9 +60,13 @@ class ServeModel:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        """Steps and guidance scales for the page to start with: the folder's saved sample settings."""
-        saved = getattr(self.t2i, "sample_config", None)
-        return {key: getattr(saved, key, value) for key, value in DEFAULTS.items()}
+        """Steps, guidance scales and the caption sampler for the page to start with: the folder's saved sample
+        settings (`pipe.sample_config`) and its text scheduler's sampler."""
+        return {**dataclasses.asdict(self.t2i.sample_config), "caption_sampler": self.i2t.text_scheduler.config.sampler}
+
+    @property
+    def caption_length(self) -> int:
+        return self.i2t.transformer.config.max_text_length
 
     @property
     def device(self) -> torch.device:
@@ -320,11 +324,19 @@ def caption(
     num_unconditional: int = 4,
     seed: int = 0,
     progress: Progress = None,
+    sampler: str = "entropy",
 ) -> tuple[list[str], str]:
     """Captions of an uploaded file or a held-out sample (its label from `sample_labels`), or unconditional ones;
-    returns the captions and a line about where they came from."""
+    returns the captions and a line about where they came from. `steps` and `remasking` apply to the "schedule"
+    sampler; "entropy" and "threshold" take the folder's bound and threshold and as many steps as needed."""
     scale = _number("guidance scale", guidance_scale, 0, 100)
     steps = _integer("steps", steps, 1, MAX_STEPS)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    schedule = sampler == "schedule"
+    sampling = {"sampler": sampler} | ({"num_inference_steps": steps, "remasking": remasking} if schedule else {})
     temperature = _number("temperature", temperature, 0, 10)
     prompt = fixed_words.strip() if isinstance(fixed_words, str) and fixed_words.strip() else None
     if unconditional:
@@ -341,15 +353,15 @@ def caption(
         text = model.i2t(
             image,
             prompt=prompt,
-            num_inference_steps=steps,
             guidance_scale=scale,
-            remasking=remasking,
             temperature=temperature,
             num_captions=num,
             generator=generator,
-            callback_on_step_end=_step_callback(progress, steps),
+            callback_on_step_end=_step_callback(progress, steps if schedule else model.caption_length),
+            **sampling,
         ).text
-    return text, f"{len(text)} caption(s) of {source}, w = {scale:g}, {steps} steps, {remasking}"
+    how = f"{steps} steps, {remasking}" if schedule else f"{sampler} sampler"
+    return text, f"{len(text)} caption(s) of {source}, w = {scale:g}, {how}"
 
 
 def sample_labels(model: ServeModel) -> list[str]:
