@@ -18,7 +18,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from .data.captions import CAPTION_CHOICES
 from .data.policies import TEXT_TASK_PHRASINGS
 from .data.tokenizer import TOKENIZER_KINDS
-from .diffusion.gaussian import PREDICTION_TYPES
+from .diffusion.flow import FLOW_LOSS_WEIGHTING, FLOW_TIMESTEP_SAMPLING
+from .diffusion.process import OBJECTIVES
 from .models.attention import BACKENDS as ATTENTION_BACKENDS
 from .models.text_encoders import FROZEN_ENCODER_KINDS
 from .models.transformer import ADALN_MODES
@@ -95,12 +96,21 @@ class ModelConfig:
 class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "v_prediction"  # v_prediction | epsilon (eps is ill-conditioned near zero terminal SNR)
+    # v_prediction | epsilon (eps is ill-conditioned near zero terminal SNR) | flow (flow matching / rectified flow:
+    # x = (1 - s) x0 + s eps, the model predicts eps - x0; sampled with the flow Euler scheduler, see flow_*)
+    prediction_type: str = "v_prediction"
     image_cond_drop: float = 0.1  # probability of training text->image with the null text context
     text_cond_drop: float = 0.1  # probability of training image->text with the null image context
     image_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
     mask_eps: float = 1e-3  # smallest mask probability t in training
+    # flow matching only (prediction_type: flow): how training draws the noise level s, and how the loss is weighted
+    flow_timestep_sampling: str = "logit_normal"  # uniform | logit_normal (SD3) | mode (SD3's mode sampling)
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_mode_scale: float = 1.29
+    flow_shift: float = 1.0  # resolution shift s' = k s / (1 + (k - 1) s), in training and in the saved scheduler
+    flow_loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' SD3 training weightings)
 
 
 @dataclass
@@ -325,7 +335,10 @@ RANGES = {
     "diffusion.text_cond_drop": "[0, 1)",
     "diffusion.image_loss_weight": "[0, inf)",
     "diffusion.text_loss_weight": "[0, inf)",
-    "diffusion.mask_eps": "(0, 1)",  # the text loss weighs each position by 1/t, t >= mask_eps
+    "diffusion.mask_eps": "(0, 1)",
+    "diffusion.flow_logit_std": "(0, inf)",
+    "diffusion.flow_mode_scale": "[0, inf)",
+    "diffusion.flow_shift": "(0, inf)",  # the text loss weighs each position by 1/t, t >= mask_eps
     "train.seed": "[0, 4294967295]",  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "train.batch_size": "[1, inf)",
     "train.max_steps": "[1, inf)",
@@ -365,7 +378,9 @@ def validate(cfg: Config) -> None:
     choices = {
         "tokenizer.kind": (cfg.tokenizer.kind, TOKENIZER_KINDS),
         "text_encoder.kind": (cfg.text_encoder.kind, ("joint", *FROZEN_ENCODER_KINDS)),
-        "diffusion.prediction_type": (cfg.diffusion.prediction_type, PREDICTION_TYPES),
+        "diffusion.prediction_type": (cfg.diffusion.prediction_type, OBJECTIVES),
+        "diffusion.flow_timestep_sampling": (cfg.diffusion.flow_timestep_sampling, FLOW_TIMESTEP_SAMPLING),
+        "diffusion.flow_loss_weighting": (cfg.diffusion.flow_loss_weighting, FLOW_LOSS_WEIGHTING),
         "train.lr_schedule": (cfg.train.lr_schedule, LR_SCHEDULES),
         "train.mixed_precision": (cfg.train.mixed_precision, MIXED_PRECISION),
         "model.attention_backend": (cfg.model.attention_backend, ATTENTION_BACKENDS),

@@ -22,7 +22,7 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     assert isinstance(report["malloc_keeps_freed_memory"], bool)
 
     train = report["train"]["results"]
-    assert set(train) == {"pixart", "mmdiff", "mmdiff_frozen_text", "mmdiff_joint"}
+    assert set(train) == {"pixart", "mmdiff", "mmdiff_flow", "mmdiff_frozen_text", "mmdiff_joint"}
     for record in train.values():
         assert record["per_s"] > 0 and record["peak_mem_mb"] >= 0 and record["tflops_per_s"] > 0
         assert len(record["times_s"]) == report["preset"]["repeats"]
@@ -30,14 +30,16 @@ def test_bench_quick_writes_a_finite_report(tmp_path, capsys):
     assert len(report["peak_flops_measured"]) == 2 and report["peak_flops_per_s"] == max(report["peak_flops_measured"])
     for record in train.values():
         assert record["mfu"] == pytest.approx(record["tflops_per_s"] * 1e12 / report["peak_flops_per_s"])
-    assert set(report["train"]["ratios"]) == {"mmdiff/pixart", "mmdiff_frozen_text/pixart", "mmdiff_joint/pixart"}
+    assert set(report["train"]["ratios"]) == {
+        "mmdiff/pixart", "mmdiff_frozen_text/pixart", "mmdiff_joint/pixart", "mmdiff_flow/mmdiff"
+    }  # fmt: skip
 
     sample = report["sample"]["results"]
-    assert set(sample) == {"pixart", "mmdiff", "mmdiff_interval"}
+    assert set(sample) == {"pixart", "mmdiff", "mmdiff_interval", "mmdiff_flow"}  # flow: the flow Euler sampler
     assert all(r["per_s"] > 0 for r in sample.values())
     # every contender but the base also gets the per-round paired ratio, from its own times
     assert "paired_ratio" not in sample["pixart"]
-    for name in ("mmdiff", "mmdiff_interval"):
+    for name in ("mmdiff", "mmdiff_interval", "mmdiff_flow"):
         assert sample[name]["paired_ratio"] == paired_ratio(sample["pixart"]["times_s"], sample[name]["times_s"])
 
     by_steps = report["caption"]["by_steps"]

@@ -316,3 +316,38 @@ def test_cli_parses_the_eval_commands():
     assert args.num_images == 500 and args.num_captions == 500
     args = parser.parse_args(["eval-encoder", "--shards", "t", "--val-shards", "v", "--out", "d"])
     assert args.shards == "t" and args.val_shards == "v" and args.image_size is None
+
+
+def test_sweep_compares_methods_at_every_scale(saved_pipe, tiny_val, tmp_path, capsys):
+    # mmdiff sweep --guidance-methods: the same prompts and seeds for every method; a table, grid and plot of
+    # method x scale; the CFG rows are the sweep's own interval-off rows
+    from mmdiff.cli import main
+    from mmdiff.pipelines import MMDiffTextToImagePipeline
+
+    weak_folder = tmp_path / "weak"
+    weak_pipe = MMDiffTextToImagePipeline.from_pretrained(saved_pipe)
+    with torch.no_grad():  # a weaker model of the same setup: other transformer weights, the same VAE and tokenizer
+        generator = torch.Generator().manual_seed(3)
+        for param in weak_pipe.transformer.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    weak_pipe.save_pretrained(weak_folder)
+    shards, encoder = tiny_val
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", str(saved_pipe), "--shards", str(shards), "--encoder", str(encoder), "--out", str(out)]
+    args += ["--scales", "1", "3", "--caption-scales", "1", "--num-prompts", "2", "--images-per-prompt", "2"]
+    args += ["--num-captions", "2", "--steps", "2", "--nll-levels", "1", "--no-interval", "--device", "cpu"]
+    args += ["--guidance-methods", "cfg", "apg", "cfg_zero_star", "autoguidance", "--weak-model", str(weak_folder)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "methods.csv")))
+    assert [(r["guidance"], float(r["guidance_scale"])) for r in rows] == [
+        (m, w) for m in ("cfg", "apg", "cfg_zero_star", "autoguidance") for w in (1.0, 3.0)
+    ]
+    sweep_rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["fd"] for r in rows[:2]] == [r["fd"] for r in sweep_rows]
+    assert rows[0]["fd"] == rows[2]["fd"] == rows[6]["fd"]  # w = 1: every method is the conditional model alone
+    assert rows[1]["fd"] != rows[7]["fd"]  # (this untrained model predicts 0 with or without a condition)
+    for name in ("methods_grid.png", "methods_plot.png"):
+        assert (out / name).stat().st_size > 0
+    assert "autoguidance w=3" in capsys.readouterr().out
+    assert main([*args[:-4], "--guidance-methods", "autoguidance"]) == 2
+    assert "needs --weak-model" in capsys.readouterr().err

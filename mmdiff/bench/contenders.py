@@ -24,8 +24,10 @@ from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DMod
 from transformers import T5Config, T5EncoderModel
 
 from ..data.tokenizer import encode_captions, train_word_level_tokenizer
+from ..diffusion.flow import FlowSettings, make_flow_scheduler
 from ..diffusion.gaussian import make_noise_scheduler, noise_latents, sample_timesteps, timestep_to_t
 from ..diffusion.masked import MaskedDiffusionScheduler
+from ..diffusion.process import FlowProcess
 from ..models.transformer import MMDiTModel
 from ..models.vae import tiny_vae, vae_downsample_factor
 from ..pipelines.image_to_text import MMDiffImageToTextPipeline
@@ -174,6 +176,27 @@ def _image_batch(preset: BenchPreset, batch: int, device: torch.device, latent_s
     return latents.to(device), noisy.to(device), target.to(device), timesteps.to(device)
 
 
+def mmdiff_flow_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: int, device, autocast):
+    """mmdiff's text -> image training step with the flow-matching objective (logit-normal sigmas, velocity
+    target), otherwise as `mmdiff_image_step`."""
+    model.train()
+    optimizer = _optimizer(model)
+    latents, _, _, _ = _image_batch(preset, batch, device)
+    process = FlowProcess(FlowSettings())
+    noisy, target, t, sigmas = process.training_inputs(latents, torch.Generator(device).manual_seed(0))
+    ids = caption_ids(tokenizer, batch, model.config.max_text_length).to(device)
+    drop = torch.arange(batch, device=device) % 10 == 9
+
+    def loss() -> torch.Tensor:
+        def encode(rows):
+            rows_ids = ids if rows is None else ids[rows]
+            return model.encode_text(rows_ids, rows_ids != tokenizer.pad_token_id)
+
+        return image_task_loss(model, noisy, target, t, drop, encode, process, sigmas)
+
+    return _train_step(model, optimizer, loss, autocast)
+
+
 def mmdiff_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: int, device, autocast):
     """mmdiff's text -> image training step: the joint text encoder makes the context (it is trained with the
     model), 10% condition dropout to the null context, the image forward, MSE, backward, AdamW."""
@@ -315,10 +338,19 @@ def sampling_runs(preset: BenchPreset, t2i, pixart, autocast) -> dict[str, Calla
         with autocast:
             return t2i(prompts, generator=torch.Generator().manual_seed(0), guidance_interval=interval, **common)
 
+    # the same transformer sampled as a flow-matching model (flow Euler): the objective costs nothing per step
+    flow = MMDiffTextToImagePipeline(**{**t2i.components, "scheduler": make_flow_scheduler()})
+    flow.set_progress_bar_config(disable=True)
+
+    def run_flow():
+        with autocast:
+            return flow(prompts, generator=torch.Generator().manual_seed(0), **common)
+
     return {
         "pixart": run_pixart,
         "mmdiff": run_mmdiff,
         "mmdiff_interval": lambda: run_mmdiff(tuple(preset.guidance_interval)),
+        "mmdiff_flow": run_flow,
     }
 
 

@@ -119,6 +119,7 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, compile_models
         C.build_mmdiff(preset, vocab, device, external_text_dim=preset.model.hidden_size), compile_models
     )
     joint = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
+    flow = C.compile_transformer(C.build_mmdiff(preset, vocab, device), compile_models)
     contenders = [
         Contender(
             "pixart",
@@ -130,6 +131,13 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, compile_models
         Contender(
             "mmdiff",
             C.mmdiff_image_step(mmdiff, tokenizer, preset, batch, device, autocast),
+            batch,
+            device,
+            mmdiff_train_flops(preset, batch, vocab, context_tokens=trimmed),
+        ),
+        Contender(
+            "mmdiff_flow",
+            C.mmdiff_flow_image_step(flow, tokenizer, preset, batch, device, autocast),
             batch,
             device,
             mmdiff_train_flops(preset, batch, vocab, context_tokens=trimmed),
@@ -165,6 +173,7 @@ def bench_train(preset: BenchPreset, tokenizer, device, autocast, compile_models
             "mmdiff/pixart": results["mmdiff"]["per_s"] / results["pixart"]["per_s"],
             "mmdiff_frozen_text/pixart": results["mmdiff_frozen_text"]["per_s"] / results["pixart"]["per_s"],
             "mmdiff_joint/pixart": results["mmdiff_joint"]["per_s"] / results["pixart"]["per_s"],
+            "mmdiff_flow/mmdiff": results["mmdiff_flow"]["per_s"] / results["mmdiff"]["per_s"],
         },
     }
 
@@ -190,6 +199,7 @@ def bench_sample(preset: BenchPreset, tokenizer, vae, device, autocast, compile_
             "mmdiff/pixart": results["mmdiff"]["per_s"] / results["pixart"]["per_s"],
             "mmdiff_interval/pixart": results["mmdiff_interval"]["per_s"] / results["pixart"]["per_s"],
             "mmdiff_interval/mmdiff": results["mmdiff_interval"]["per_s"] / results["mmdiff"]["per_s"],
+            "mmdiff_flow/mmdiff": results["mmdiff_flow"]["per_s"] / results["mmdiff"]["per_s"],
         },
     }
 
@@ -315,11 +325,11 @@ def format_table(report: dict) -> str:
 
     if "train" in report:
         res = report["train"]["results"]
-        for name in ("pixart", "mmdiff", "mmdiff_frozen_text", "mmdiff_joint"):
+        for name in ("pixart", "mmdiff", "mmdiff_flow", "mmdiff_frozen_text", "mmdiff_joint"):
             lines.append(row("train", name, res[name], "img/s", res["pixart"]["per_s"] if name != "pixart" else None))
     if "sample" in report:
         res = report["sample"]["results"]
-        for name in ("pixart", "mmdiff", "mmdiff_interval"):
+        for name in ("pixart", "mmdiff", "mmdiff_interval", "mmdiff_flow"):
             lines.append(row("sample", name, res[name], "img/s", res["pixart"]["per_s"] if name != "pixart" else None))
     if "caption" in report:
         for steps, res in report["caption"]["by_steps"].items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..diffusion.guidance import GUIDANCE_METHODS
 from ..eval.encoder_train import DEFAULT_STEPS
 from .sample import add_sampler_options, sampler_settings
 
@@ -34,7 +35,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="ddpm | ddim | dpm++ | euler | euler_a | unipc (flow models: flow_euler | dpm++ | unipc)",
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
     add_sampler_options(parser)
 
@@ -73,6 +78,14 @@ def add_parser(sub) -> None:
     sw.add_argument("--no-interval", action="store_true", help="skip the guidance-interval comparison")
     sw.add_argument("--grid-samples", type=int, default=2, help="samples per grid cell")
     sw.add_argument("--out", default="outputs/sweep")
+    sw.add_argument(
+        "--guidance-methods",
+        nargs="+",
+        default=["cfg"],
+        choices=list(GUIDANCE_METHODS),
+        help="compare guidance methods at every scale (same prompts and seeds): methods.csv, _grid.png, _plot.png",
+    )
+    sw.add_argument("--weak-model", default=None, help="autoguidance: a pipeline folder of a weaker checkpoint")
     sw.set_defaults(nll_levels=4)
 
     _add_eval_encoder_parser(sub)
@@ -181,13 +194,20 @@ def run(args) -> int:
         device=args.device,
         out_dir=args.out,
         caption_sampler=sampler_settings(args),
+        guidance_methods=args.guidance_methods,
+        weak_model=args.weak_model,
     )
     for row in record["text_to_image"]:
         figures = [f"{k} {row[k]:.4g}" for k in ("fd", "clip_score", "r_precision", "prompt_accuracy") if k in row]
         print(f"w={row['guidance_scale']:g}: " + ", ".join(figures))
     for note in record["notes"]:
         print(f"note: {note}")
-    print(f"wrote {args.out}/{{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}}")
+    for method, rows in record["guidance_methods"].items():
+        for row in rows:
+            figures = [f"{k} {row[k]:.4g}" for k in ("fd", "prompt_accuracy", "diversity") if k in row]
+            print(f"{method} w={row['guidance_scale']:g}: " + ", ".join(figures))
+    extra = ", methods.csv, methods_grid.png, methods_plot.png" if record["guidance_methods"] else ""
+    print(f"wrote {args.out}/{{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png{extra}}}")
     return 0
 
 

@@ -256,7 +256,11 @@ def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> N
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (pays off on many calls)")
     if scheduler:
-        parser.add_argument("--scheduler", default=None, help="ddpm | ddim | dpm++ | euler | euler_a | unipc")
+        parser.add_argument(
+            "--scheduler",
+            default=None,
+            help="ddpm | ddim | dpm++ | euler | euler_a | unipc (flow models: flow_euler | dpm++ | unipc)",
+        )
 
 
 def add_sampler_options(parser) -> None:

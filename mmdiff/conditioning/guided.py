@@ -19,10 +19,11 @@ keep guidance cheap are applied once, for every caller:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.guidance import classifier_free_guidance, guidance_active
+from ..diffusion.guidance import Guidance, guidance_active
 from ..models.transformer import CFGRows, MMDiTModel, select_context_rows
 
 # which null context stands in for a dropped condition of each noisy stream: images are conditioned on text, text on
@@ -33,6 +34,16 @@ NULL_KIND = {"image": "text", "text": "image"}
 def stream_of(sample: torch.Tensor) -> str:
     """ "image" for float latents, "text" for integer token ids (the model's own rule)."""
     return "image" if torch.is_floating_point(sample) else "text"
+
+
+@dataclass
+class WeakBranch:
+    """Autoguidance's unconditional branch (Karras et al. 2024): a weaker model of the same kind (an earlier or
+    smaller checkpoint) with the same condition, encoded by its own encoders: context and mask for the N rows."""
+
+    model: MMDiTModel
+    context: torch.Tensor
+    context_mask: torch.Tensor
 
 
 class GuidedDenoiser:
@@ -49,10 +60,14 @@ class GuidedDenoiser:
         guidance_rescale: phi of Lin et al. 2024 (Gaussian predictions).
         cache_context: False recomputes the condition's K/V at every call (only `mmdiff bench` sets it, to measure
             what the cache saves; the output is the same).
+        guidance: the method combining the two branches (`mmdiff.diffusion.guidance.GUIDANCE_METHODS`: "cfg", "apg",
+            "cfg_zero_star", "tcfg", "autoguidance"), with `guidance_params` (the diffusers guider's arguments);
+            "autoguidance" takes its unconditional branch from `weak` instead of the null context.
+        num_inference_steps: the sampling call's steps, for methods whose rule depends on the step (CFG-Zero*).
 
     Calling it with `sample` (S*N rows: group g holds rows g*N..(g+1)*N) and the model time t in [0, 1] (a scalar, or
     (S*N,) per row when there is no guidance interval) returns the guided prediction for every row: float32 logits
-    for the text stream, the model's dtype for latents. `num_forward_rows` counts the rows the transformer ran.
+    for the text stream, the model's dtype for latents. `num_forward_rows` counts the rows the transformers ran.
     """
 
     def __init__(
@@ -66,11 +81,23 @@ class GuidedDenoiser:
         guidance_interval: tuple[float, float] | None = None,
         guidance_rescale: float = 0.0,
         cache_context: bool = True,
+        guidance: str = "cfg",
+        guidance_params: dict | None = None,
+        weak: WeakBranch | None = None,
+        num_inference_steps: int | None = None,
     ):
         if stream not in NULL_KIND:
             raise ValueError(f"stream must be one of {tuple(NULL_KIND)}, got {stream!r}")
+        if (guidance == "autoguidance") != (weak is not None):
+            raise ValueError("guidance='autoguidance' needs a weak model (weak_model=...), and only it takes one")
+        if weak is not None and negative is not None:
+            raise ValueError("autoguidance guides against the weak model: it takes no negative prompt")
         self.model, self.stream = model, stream
         self.scales = [float(w) for w in guidance_scales]
+        self.guiders = [
+            Guidance(guidance, w, guidance_rescale, num_inference_steps, stream, **(guidance_params or {}))
+            for w in self.scales
+        ]
         self.interval, self.rescale = guidance_interval, guidance_rescale
         self.n, groups = context.shape[0], len(self.scales)
         guided = any(w != 1.0 for w in self.scales)
@@ -84,8 +111,15 @@ class GuidedDenoiser:
         self.context, self.context_mask = context, context_mask
         self.cache_context = cache_context
         self._kv = model.context_kv(context, context_mask, absorb=None) if cache_context else None
-        self.null_outputs = model.null_outputs(NULL_KIND[stream]) if guided and not self.negative_rows else None
+        self.weak = weak
+        if weak is not None:
+            weak_context, weak_mask = weak.context.repeat(groups, 1, 1), weak.context_mask.repeat(groups, 1)
+            self._weak_mask = weak_mask
+            self._weak_kv = weak.model.context_kv(weak_context, weak_mask, absorb=None)
+        null = guided and not self.negative_rows and weak is None
+        self.null_outputs = model.null_outputs(NULL_KIND[stream]) if null else None
         self.num_forward_rows = 0
+        self._step = 0
 
     @property
     def guided(self) -> bool:
@@ -100,10 +134,11 @@ class GuidedDenoiser:
         """rows: (R,) the condition rows `sample` holds, when it holds only some of them (a caption batch whose
         finished rows stop taking forward passes); one guidance scale and the null context only."""
         model, n, device = self.model, self.n, sample.device
+        step, self._step = self._step, self._step + 1
         kv = self._kv if self.cache_context else model.context_kv(self.context, self.context_mask, absorb=None)
         per_row_t = self.interval is not None and torch.as_tensor(t).numel() > 1
         if rows is not None or per_row_t:
-            return self._some_rows(sample, t, kv, rows)
+            return self._some_rows(sample, t, kv, rows, step)
         mask = self.context_mask
         active = self.active(t)
         # unconditional rows only for the groups that are guided at this t
@@ -111,41 +146,63 @@ class GuidedDenoiser:
             [torch.arange(g * n, (g + 1) * n, device=device) for g in range(len(active)) if active[g]]
             or [torch.zeros(0, dtype=torch.long, device=device)]
         )
-        rows = len(self.scales) * n  # conditional rows: the last `rows` rows of the context
-        cond_start = self.context.shape[0] - rows
+        rows_total = len(self.scales) * n  # conditional rows: the last `rows_total` rows of the context
+        cond_start = self.context.shape[0] - rows_total
         null_rows = 0
-        if not self.negative_rows:  # null-context rows (if any) first, then the conditional rows
+        if self.weak is None and not self.negative_rows:  # null-context rows (if any) first, then the conditional
             null_rows = len(uncond_rows)
         elif not any(active):  # conditional rows only: views of the cache, no copy
             kv, mask = select_context_rows(kv, slice(cond_start, None)), mask[cond_start:]
-        elif not all(active):
+        elif not all(active) and self.weak is None:
             keep = torch.cat([uncond_rows, torch.arange(cond_start, self.context.shape[0], device=device)])
             kv, mask = select_context_rows(kv, keep), mask[keep]
-        cfg_rows = None
-        if any(active):
-            cfg_rows = CFGRows(null=null_rows, null_outputs=self.null_outputs, repeat=uncond_rows)
-        pred = model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
-        self.num_forward_rows += sample.shape[0] + len(uncond_rows)
-        if self.stream == "text":
-            pred = pred.float()
-        pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+        pred_uncond, pred_cond = self._predict(sample, t, kv, mask, uncond_rows, null_rows)
         if not len(uncond_rows):
             return pred_cond
         guided, start = [], 0
-        for g, w in enumerate(self.scales):
+        for g, guider in enumerate(self.guiders):
             cond = pred_cond[g * n : (g + 1) * n]
             if active[g]:
-                cond = classifier_free_guidance(cond, pred_uncond[start : start + n], w, self.rescale)
+                cond = guider(cond, pred_uncond[start : start + n], step)
                 start += n
             guided.append(cond)
         return torch.cat(guided) if len(guided) > 1 else guided[0]
 
-    def _some_rows(self, sample, t, kv, rows) -> torch.Tensor:
+    def _predict(self, sample, t, kv, mask, uncond_rows, null_rows, weak_rows=None):
+        """(unconditional predictions for `uncond_rows`, conditional predictions for every row): one batched forward
+        (null or negative context), or the model and the weak model (autoguidance)."""
+        if self.weak is not None:
+            pred_cond = self.model(sample, t, context_mask=mask, context_kv=kv)
+            self.num_forward_rows += sample.shape[0]
+            pred_uncond = pred_cond[:0]
+            if len(uncond_rows):
+                picked = uncond_rows if weak_rows is None else weak_rows[uncond_rows]
+                t_rows = t[uncond_rows] if torch.as_tensor(t).numel() > 1 else t
+                pred_uncond = self.weak.model(
+                    sample[uncond_rows],
+                    t_rows,
+                    context_mask=self._weak_mask[picked],
+                    context_kv=select_context_rows(self._weak_kv, picked),
+                )
+                self.num_forward_rows += len(uncond_rows)
+            if self.stream == "text":
+                pred_cond, pred_uncond = pred_cond.float(), pred_uncond.float()
+            return pred_uncond, pred_cond
+        cfg_rows = None
+        if len(uncond_rows):
+            cfg_rows = CFGRows(null=null_rows, null_outputs=self.null_outputs, repeat=uncond_rows)
+        pred = self.model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
+        self.num_forward_rows += sample.shape[0] + len(uncond_rows)
+        if self.stream == "text":
+            pred = pred.float()
+        return pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+
+    def _some_rows(self, sample, t, kv, rows, step) -> torch.Tensor:
         """One group: the condition rows `rows` (None: all), guided where each row's t lies in the interval."""
         if len(self.scales) != 1 or self.negative_rows:
             raise ValueError(
-                "a subset of rows, or a per-row t with a guidance interval, needs one guidance scale "
-                "and the null context as the unconditional branch"
+                "a subset of rows, or a per-row t with a guidance interval, needs one guidance scale and the null "
+                "context or a weak model as the unconditional branch"
             )
         mask = self.context_mask
         if rows is not None:
@@ -159,20 +216,15 @@ class GuidedDenoiser:
         else:
             guided_rows = (t_rows >= self.interval[0]) & (t_rows <= self.interval[1])
         uncond_rows = guided_rows.nonzero().flatten()
-        cfg_rows = None
-        if len(uncond_rows):
-            cfg_rows = CFGRows(null=len(uncond_rows), null_outputs=self.null_outputs, repeat=uncond_rows)
-        pred = self.model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
-        self.num_forward_rows += count + len(uncond_rows)
-        if self.stream == "text":
-            pred = pred.float()
-        pred_uncond, pred_cond = pred[: len(uncond_rows)], pred[len(uncond_rows) :]
+        weak_rows = rows if rows is not None else torch.arange(count, device=sample.device)
+        pred_uncond, pred_cond = self._predict(sample, t, kv, mask, uncond_rows, len(uncond_rows), weak_rows)
         if not len(uncond_rows):
             return pred_cond
+        guider = self.guiders[0]
         if len(uncond_rows) == count:
-            return classifier_free_guidance(pred_cond, pred_uncond, w, self.rescale)
+            return guider(pred_cond, pred_uncond, step)
         guided = pred_cond.clone()
-        guided[uncond_rows] = classifier_free_guidance(pred_cond[uncond_rows], pred_uncond, w, self.rescale)
+        guided[uncond_rows] = guider(pred_cond[uncond_rows], pred_uncond, step)
         return guided
 
 

@@ -42,3 +42,77 @@ def guidance_active(t: float, guidance_scale: float, guidance_interval: tuple[fl
         return True
     low, high = guidance_interval
     return low <= t <= high
+
+
+# Guidance methods beyond CFG: diffusers' guiders, whose default formulation shares this project's convention
+# (uncond + w (cond - uncond) at heart; w = 1 returns the conditional prediction, diffusers skips guidance there).
+# Each entry: the guider class (None: `classifier_free_guidance` here) and whether the formula is defined on any
+# tensor (and so applies to the text direction's logits too).
+GUIDANCE_METHODS = {
+    "cfg": (None, True),
+    "apg": ("AdaptiveProjectedGuidance", True),
+    "cfg_zero_star": ("ClassifierFreeZeroStarGuidance", False),
+    "tcfg": ("TangentialClassifierFreeGuidance", True),
+    # the unconditional branch is a weaker model's conditional prediction (Karras et al. 2024); CFG's rule combines
+    "autoguidance": (None, True),
+}
+NOT_ON_LOGITS = {
+    "cfg_zero_star": "its zero-init steps set the prediction to 0, which for logits is the uniform distribution, not "
+    "'no update'"
+}
+
+
+class Guidance:
+    """One guidance method at one scale for one sampling call; holds the method's state (step, momentum).
+
+    `guided = guidance(cond, uncond, step)`; `params` are the diffusers guider's own arguments (for "apg":
+    adaptive_projected_guidance_momentum, adaptive_projected_guidance_rescale, eta; for "cfg_zero_star":
+    zero_init_steps). "cfg" and "autoguidance" use `classifier_free_guidance` (with `guidance_rescale`).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        num_inference_steps: int | None = None,
+        stream: str = "image",
+        **params,
+    ):
+        if method not in GUIDANCE_METHODS:
+            raise ValueError(f"guidance must be one of {tuple(GUIDANCE_METHODS)}, got {method!r}")
+        if stream == "text" and method in NOT_ON_LOGITS:
+            raise ValueError(f"guidance={method!r} does not apply to captions: {NOT_ON_LOGITS[method]}")
+        self.method, self.scale, self.rescale = method, float(guidance_scale), guidance_rescale
+        self.num_inference_steps = num_inference_steps or 1000
+        self.guider = None
+        class_name = GUIDANCE_METHODS[method][0]
+        if class_name is not None:
+            import diffusers.guiders as guiders
+            from diffusers.utils import logging as diffusers_logging
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # "guiders are experimental", once per sampling call otherwise
+            try:
+                self.guider = getattr(guiders, class_name)(
+                    guidance_scale=self.scale, guidance_rescale=guidance_rescale, **params
+                )
+            except TypeError as err:
+                raise ValueError(f"guidance={method!r}: {err}") from None
+            finally:
+                diffusers_logging.set_verbosity(level)
+            momentum = params.get("adaptive_projected_guidance_momentum")
+            if momentum is not None:  # diffusers starts APG's momentum buffer in prepare_inputs, which is not used
+                from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+
+                self.guider.momentum_buffer = MomentumBuffer(momentum)
+        elif params:
+            raise ValueError(f"guidance={method!r} takes no parameters, got {sorted(params)}")
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, step: int = 0) -> torch.Tensor:
+        if self.guider is None:
+            return classifier_free_guidance(cond, uncond, self.scale, self.rescale)
+        if self.scale == 1.0:
+            return cond  # the convention, exactly
+        self.guider.set_state(step, self.num_inference_steps, None)
+        return self.guider.forward(cond, uncond).pred

@@ -159,3 +159,23 @@ def save_grid(images: list[PIL.Image.Image], rows: int, path: Path, min_cell: in
     path.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=rows, cols=cols).save(path)
     return path
+
+
+def plot_methods(method_rows: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """Guidance methods against the scale: one panel per figure (prompt accuracy, FD, diversity, CLIP score, where
+    the rows have them), one line per method."""
+    first = next(iter(method_rows.values()))[0]
+    keys = [k for k in ("prompt_accuracy", "fd", "diversity", "clip_score") if k in first]
+    fig = Figure(figsize=(4.2 * len(keys), 3.6), dpi=110)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for method, rows in method_rows.items():
+            ax.plot([r["guidance_scale"] for r in rows], [r.get(key) for r in rows], marker="o", label=method)
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

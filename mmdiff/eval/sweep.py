@@ -29,7 +29,7 @@ from ..pipelines.factory import load_pipeline
 from .benchmarks import find_benchmark
 from .encoders import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
-from .plots import plot_sweep, save_labeled_grid
+from .plots import plot_methods, plot_sweep, save_labeled_grid
 from .records import load_eval_records
 from .run import caption_report, check_counts, effective_caption_sampler, model_name, write_json
 
@@ -51,6 +51,8 @@ def sweep_images(
     seed: int,
     batch_size: int,
     guidance_interval: tuple[float, float] | None = None,
+    guidance: str = "cfg",
+    weak_model=None,
 ) -> tuple[list[list[PIL.Image.Image]], float, int]:
     """Images per scale (S lists of P*K images, prompt-major), the wall seconds and the transformer rows run."""
     import torch
@@ -70,6 +72,8 @@ def sweep_images(
             guidance_interval=guidance_interval,
             num_images_per_prompt=images_per_prompt,
             generator=generators,
+            guidance=guidance,
+            weak_model=weak_model,
         )
         seconds += time.time() - t0
         rows += pipe._num_forward_rows
@@ -100,12 +104,16 @@ def sweep(
     device: str | None = None,
     out_dir: str | os.PathLike = "outputs/sweep",
     caption_sampler: dict[str, Any] | None = None,
+    guidance_methods: list[str] | tuple[str, ...] = ("cfg",),
+    weak_model: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run both sweeps and write `out_dir/{grid.png, sweep.csv, captions.csv, sweep.json, sweep_plot.png}`.
 
     encoder / clip / inception: feature spaces as in `evaluate`. guidance_interval: (t_low, t_high) for the
-    interval-on run, None to skip it. grid_samples: samples shown per grid cell (prompts x scales). Returns the JSON
-    record (also written to sweep.json).
+    interval-on run, None to skip it. grid_samples: samples shown per grid cell (prompts x scales).
+    guidance_methods: more than ["cfg"] compares the methods at every scale with the same prompts and seeds (no
+    interval), written to methods.csv, methods_grid.png and methods_plot.png; "autoguidance" needs `weak_model` (a
+    pipeline folder of an earlier or smaller checkpoint). Returns the JSON record (also written to sweep.json).
     """
     started = time.time()
     check_counts(num_prompts=num_prompts, images_per_prompt=images_per_prompt, num_captions=num_captions)
@@ -130,14 +138,13 @@ def sweep(
     out = Path(out_dir)
     real_features = {name: enc.image_features(reference.images) for name, enc in spaces.items()}
 
-    runs = {"off": None, "on": guidance_interval} if guidance_interval else {"off": None}
-    rows_by_run, timing, grids = {}, {}, {}
-    for name, interval in runs.items():
-        images, seconds, forward_rows = sweep_images(
-            pipe, prompts, scales, k, num_inference_steps, seed, batch_size, interval
-        )
-        timing[name] = {"seconds": round(seconds, 3), "forward_rows": forward_rows, "interval": interval}
-        rows_by_run[name] = []
+    methods = list(dict.fromkeys(guidance_methods or ["cfg"]))
+    weak = pipe.weak_pipeline(weak_model) if weak_model is not None else None
+    if "autoguidance" in methods and weak is None:
+        raise ValueError("--guidance-methods autoguidance needs --weak-model (a folder of a weaker checkpoint)")
+
+    def score(images: list[list[PIL.Image.Image]]) -> list[dict[str, Any]]:
+        rows = []
         for w, imgs in zip(scales, images, strict=True):
             per_space = {
                 space: image_space_metrics(
@@ -148,12 +155,36 @@ def sweep(
             row = {"guidance_scale": w} | spaces_report(per_space)
             if benchmark is not None:
                 row |= benchmark.image_metrics(imgs, expanded, pipe.image_size, seed, samples_per_prompt=k)
-            rows_by_run[name].append(row)
+            rows.append(row)
+        return rows
+
+    runs = {"off": None, "on": guidance_interval} if guidance_interval else {"off": None}
+    rows_by_run, timing, grids = {}, {}, {}
+    for name, interval in runs.items():
+        images, seconds, forward_rows = sweep_images(
+            pipe, prompts, scales, k, num_inference_steps, seed, batch_size, interval
+        )
+        timing[name] = {"seconds": round(seconds, 3), "forward_rows": forward_rows, "interval": interval}
+        rows_by_run[name] = score(images)
         grids[name] = images
+    method_rows: dict[str, list[dict[str, Any]]] = {}
+    method_images: dict[str, list[list[PIL.Image.Image]]] = {}
+    for method in methods:
+        if method == "cfg":
+            method_rows[method], method_images[method] = rows_by_run["off"], grids["off"]
+            continue
+        images, seconds, forward_rows = sweep_images(
+            pipe, prompts, scales, k, num_inference_steps, seed, batch_size, None, method,
+            weak if method == "autoguidance" else None,
+        )  # fmt: skip
+        timing[method] = {"seconds": round(seconds, 3), "forward_rows": forward_rows, "interval": None}
+        method_rows[method], method_images[method] = score(images), images
     table = _merge_interval_rows(rows_by_run)
     cells = [[grids["off"][s][p * k : p * k + grid_samples] for s in range(len(scales))] for p in range(len(prompts))]
     out.mkdir(parents=True, exist_ok=True)
     save_labeled_grid(cells, prompts, [f"w = {w:g}" for w in scales], out / "grid.png")
+    if len(methods) > 1:
+        write_method_comparison(method_rows, method_images, scales, prompts[0], grid_samples, out)
 
     # image -> text
     caption_records = records.head(num_captions)
@@ -192,6 +223,10 @@ def sweep(
         "scheduler": type(pipe.scheduler).__name__,
         "nll_levels": nll_levels,
         "text_to_image": table,
+        "guidance_methods": {m: [_plain(r) for r in rows] for m, rows in method_rows.items()}
+        if len(methods) > 1
+        else {},
+        "weak_model": str(weak_model) if weak_model is not None else None,
         "image_to_text": caption_rows,
         "interval": timing,
         "files": {name: name for name in ("grid.png", "sweep.csv", "captions.csv", "sweep_plot.png")},
@@ -238,3 +273,26 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _cell(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "per_prompt"}
+
+
+def write_method_comparison(
+    method_rows: dict[str, list[dict[str, Any]]],
+    method_images: dict[str, list[list[PIL.Image.Image]]],
+    scales: list[float],
+    prompt: str,
+    samples: int,
+    out: Path,
+) -> None:
+    """methods.csv (one row per method and scale), methods_grid.png (method x scale, the first prompt's first
+    samples, same seeds) and methods_plot.png (the figures against the scale, one line per method)."""
+    table = [{"guidance": m, **_plain(r)} for m, rows in method_rows.items() for r in rows]
+    _write_csv(out / "methods.csv", table)
+    cells = [[method_images[m][s][:samples] for s in range(len(scales))] for m in method_rows]
+    save_labeled_grid(
+        cells, [f"{m}: {prompt}" for m in method_rows], [f"w = {w:g}" for w in scales], out / "methods_grid.png"
+    )
+    plot_methods(method_rows, out / "methods_plot.png")

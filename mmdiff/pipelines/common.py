@@ -15,10 +15,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..conditioning.text import TextConditioner, frozen_token_budget
-from ..config import SampleConfig, sample_settings
+from ..config import SampleConfig, sample_settings, saved_pipeline_config
 from ..data.images import prepare_image
+from ..diffusion.process import objective_family
 from ..models.vae import encode_latents, vae_downsample_factor
 from .loading import PipelineLoadError, check_pipeline_folder, load_error
+from .schedulers import scheduler_family
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -44,6 +46,9 @@ class MMDiffPipelineBase(DiffusionPipeline):
             text_encoder=text_encoder,
             text_encoder_tokenizer=text_encoder_tokenizer,
         )
+        # the objective the model was trained for, read off the scheduler it is built with (a loaded folder: its
+        # saved training config); a scheduler of the other family set later is refused when sampling
+        self.__dict__["_objective_family"] = scheduler_family(scheduler) if scheduler is not None else "gaussian"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -63,7 +68,19 @@ class MMDiffPipelineBase(DiffusionPipeline):
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise load_error(pretrained_model_name_or_path, err) from err
         pipe.sample_config = sample_settings(pretrained_model_name_or_path)
+        trained = (saved_pipeline_config(pretrained_model_name_or_path).get("diffusion") or {}).get("prediction_type")
+        if trained is not None:
+            pipe.objective_family = objective_family(trained)
         return pipe
+
+    @property
+    def objective_family(self) -> str:
+        """ "flow" (flow matching) or "gaussian" (epsilon / v): which schedulers fit this model."""
+        return self.__dict__.get("_objective_family", "gaussian")
+
+    @objective_family.setter
+    def objective_family(self, value: str) -> None:
+        self.__dict__["_objective_family"] = value
 
     @property
     def sample_config(self) -> SampleConfig:
@@ -116,6 +133,21 @@ class MMDiffPipelineBase(DiffusionPipeline):
         """Text context for text-to-image: (N, S, D) and its key mask (N, S). Empty prompts (also those of pad tokens
         only) get the null context."""
         return self.text_conditioner.encode_prompts(self.transformer, prompts, self._execution_device)
+
+    def weak_pipeline(self, weak_model) -> MMDiffPipelineBase:
+        """Autoguidance's weak model as a pipeline on this one's device and dtype: a pipeline, or a folder (an
+        earlier or smaller checkpoint). It must share this model's VAE, tokenizer and objective: a ValueError names
+        what differs."""
+        if isinstance(weak_model, str | os.PathLike):
+            weak_model = type(self).from_pretrained(weak_model, dtype=self.transformer.dtype)
+            weak_model.to(self._execution_device)
+            weak_model.set_progress_bar_config(disable=True)
+        if not isinstance(weak_model, MMDiffPipelineBase):
+            raise TypeError(
+                f"weak_model must be an mmdiff pipeline or a pipeline folder, got {type(weak_model).__name__}"
+            )
+        check_weak_model(self, weak_model)
+        return weak_model
 
     def preprocess_images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """Images -> (N, 3, S, S) in [-1, 1] at the model's resolution S (shorter side resized, centre crop).
@@ -263,3 +295,27 @@ def per_sample_generators(
             f"got {type(generator).__name__}"
         )
     return generator
+
+
+def check_weak_model(strong: MMDiffPipelineBase, weak: MMDiffPipelineBase) -> None:
+    """Autoguidance compares two predictions of the same quantity in the same latent and token spaces: the weak model
+    must share the VAE (config and weights), the tokenizer (vocabulary), the objective and the stream shapes."""
+    problems = []
+    if weak.objective_family != strong.objective_family:
+        problems.append(f"objective {weak.objective_family} vs {strong.objective_family}")
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    if public(weak.vae.config) != public(strong.vae.config) or any(
+        not torch.equal(a.detach().cpu(), b.detach().cpu().to(a.dtype))
+        for a, b in zip(weak.vae.state_dict().values(), strong.vae.state_dict().values(), strict=True)
+    ):
+        problems.append("a different VAE")
+    if weak.tokenizer.get_vocab() != strong.tokenizer.get_vocab():
+        problems.append("a different tokenizer vocabulary")
+    for key in ("in_channels", "sample_size", "vocab_size", "max_text_length"):
+        if weak.transformer.config[key] != strong.transformer.config[key]:
+            problems.append(f"transformer {key} {weak.transformer.config[key]} vs {strong.transformer.config[key]}")
+    if problems:
+        raise ValueError(
+            f"weak_model cannot guide this model: it has {', '.join(problems)} (autoguidance needs an "
+            "earlier or smaller checkpoint of the same setup)"
+        )

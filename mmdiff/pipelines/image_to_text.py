@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
-from ..conditioning.guided import GuidedDenoiser
+from ..conditioning.guided import GuidedDenoiser, WeakBranch
 from ..data.tokenizer import decode_captions, encode_captions
 from ..diffusion.masked import MaskedDiffusionScheduler, check_sampler
 from .common import (
@@ -68,6 +68,9 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         block_length: int | None = None,
         remask_fraction: float | None = None,
         remask_window: tuple[float, float] | None = None,
+        guidance: str = "cfg",
+        guidance_params: dict | None = None,
+        weak_model=None,
     ) -> CaptionPipelineOutput | tuple:
         """Args:
         image: one image or a list (PIL of any mode, numpy, tensor; see `preprocess_images`); None samples captions
@@ -99,6 +102,8 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             committed tokens inside `remask_window`. Unset, the text scheduler's config applies (but see
             `num_inference_steps`). The adaptive samplers take as many steps as the captions need; captions that are
             complete stop taking forward passes.
+        guidance, guidance_params, weak_model: the guidance method on the logits, as in the text-to-image pipeline;
+            methods defined on any tensor apply ("cfg", "apg", "tcfg", "autoguidance"), "cfg_zero_star" is refused.
         """
         # 1. check inputs
         max_len_model = self.transformer.config.max_text_length
@@ -147,7 +152,8 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             batch = pixels.shape[0]
             if num_captions is not None and num_captions != batch:
                 raise ValueError(f"num_captions={num_captions} is for image=None; got {batch} images")
-            context, context_mask = self.transformer.encode_image(self.encode_images(pixels))
+            latents = self.encode_images(pixels)
+            context, context_mask = self.transformer.encode_image(latents)
         generator = per_sample_generators(generator, batch)
 
         # 3. initial caption: the fixed prompt tokens, masks everywhere else
@@ -155,6 +161,14 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
 
         # 4. the guided denoiser: the image context's K/V once for the call; the unconditional branch is the learned
         # null image context (no image: unconditional captions, nothing to guide)
+        weak = None
+        if image is not None and (guidance == "autoguidance" or weak_model is not None):
+            if weak_model is None:
+                raise ValueError(
+                    "guidance='autoguidance' needs weak_model (a pipeline or folder of a weaker checkpoint)"
+                )
+            weak_pipe = self.weak_pipeline(weak_model)
+            weak = WeakBranch(weak_pipe.transformer, *weak_pipe.transformer.encode_image(latents))
         denoiser = GuidedDenoiser(
             self.transformer,
             context,
@@ -163,6 +177,10 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             [guidance_scale if image is not None else 1.0],
             guidance_interval=guidance_interval,
             cache_context=self.cache_context_kv,
+            guidance=guidance if image is not None else "cfg",
+            guidance_params=guidance_params if image is not None else None,
+            weak=weak,
+            num_inference_steps=num_inference_steps,
         )
 
         # 5. unmask

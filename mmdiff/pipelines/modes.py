@@ -47,6 +47,7 @@ def _sibling(pipe: MMDiffPipelineBase, cls: type) -> Any:
     sibling = cls(**pipe.components)
     sibling._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     sibling.sample_config = pipe.sample_config
+    sibling.objective_family = pipe.objective_family
     return sibling
 
 

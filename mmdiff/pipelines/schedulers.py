@@ -1,9 +1,13 @@
-"""Sampling schedulers by name, swapped the diffusers way: `Scheduler.from_config(pipe.scheduler.config)`.
+"""Sampling schedulers by name, and the one place that knows which fit which objective.
 
-Every scheduler here reads `prediction_type` (epsilon or v_prediction) and the beta schedule from the saved config,
-so it samples what the model was trained for. "trailing" timestep spacing starts every sampler at the last training
-timestep (pure noise), as Lin et al. 2024 recommend; diffusers' default "leading" spacing for DDPM would start a
-4-step run at t = 750 from pure noise, which the model never saw at that level.
+Swapped the diffusers way (`Scheduler.from_config(pipe.scheduler.config)`). Gaussian models (epsilon or v) take the
+DDPM family; every scheduler there reads `prediction_type` and the beta schedule from the saved config, so it samples
+what the model was trained for. "trailing" timestep spacing starts every sampler at the last training timestep
+(pure noise), as Lin et al. 2024 recommend; diffusers' default "leading" spacing for DDPM would start a 4-step run at
+t = 750 from pure noise, which the model never saw at that level. Flow-matching models take the flow Euler scheduler
+or the multistep solvers with flow sigmas (`use_flow_sigmas`, `prediction_type="flow_prediction"`, the saved shift).
+A scheduler of one family on a model of the other produces noise: `make_scheduler` and `check_scheduler_fits`
+refuse it, naming both.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -26,20 +31,68 @@ SCHEDULERS = {
     "euler_a": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "trailing"}),
 }
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SCHEDULERS = {
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **_FLOW}),
+    "unipc": (UniPCMultistepScheduler, _FLOW),
+}
+BY_FAMILY = {"gaussian": SCHEDULERS, "flow": FLOW_SCHEDULERS}
+FAMILY_NAMES = {"gaussian": "Gaussian (epsilon / v-prediction)", "flow": "flow-matching"}
 
 
-def make_scheduler(name: str, config) -> SchedulerMixin:
-    """The named scheduler ("ddim", "dpm++", ... or a class name such as "DPMSolverMultistepScheduler") from a
-    scheduler config, with this project's timestep spacing."""
-    by_class = {cls.__name__.lower(): key for key, (cls, _) in SCHEDULERS.items()}
+def scheduler_family(scheduler: SchedulerMixin) -> str:
+    """ "flow" for a flow-matching scheduler (flow Euler, or a solver configured with flow sigmas), else
+    "gaussian"."""
+    config = scheduler.config
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or config.get("prediction_type") == "flow_prediction":
+        return "flow"
+    return "gaussian"
+
+
+def _flow_shift(config) -> float:
+    return float(config.get("shift", config.get("flow_shift", 1.0)) or 1.0)
+
+
+def make_scheduler(name: str, config, family: str = "gaussian") -> SchedulerMixin:
+    """The named scheduler ("ddim", "dpm++", ... or a class name) for a model of `family`, built from a scheduler
+    config with this project's settings; a name that does not fit the family is a ValueError naming both."""
+    table = BY_FAMILY[family]
+    by_class = {cls.__name__.lower(): key for key, (cls, _) in table.items()}
     key = by_class.get(name.lower(), name.lower())
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
-    cls, overrides = SCHEDULERS[key]
+    if key not in table:
+        other = next(f for f in BY_FAMILY if f != family)
+        if key in BY_FAMILY[other] or name.lower() in {c.__name__.lower() for c, _ in BY_FAMILY[other].values()}:
+            raise ValueError(
+                f"scheduler {name!r} samples {FAMILY_NAMES[other]} models, but this model is {FAMILY_NAMES[family]}: "
+                f"choose one of {sorted(table)}"
+            )
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(table)}")
+    cls, overrides = table[key]
+    if family == "flow":
+        shift = _flow_shift(config)
+        overrides = {
+            **overrides,
+            **({"shift": shift} if cls is FlowMatchEulerDiscreteScheduler else {"flow_shift": shift}),
+        }
     return cls.from_config(config, **overrides)
+
+
+def scheduler_names(family: str) -> list[str]:
+    return sorted(BY_FAMILY[family])
+
+
+def check_scheduler_fits(scheduler: SchedulerMixin, family: str) -> None:
+    """A ValueError naming both when `scheduler` belongs to the other family than the model's objective."""
+    found = scheduler_family(scheduler)
+    if found != family:
+        raise ValueError(
+            f"scheduler {type(scheduler).__name__} samples {FAMILY_NAMES[found]} models, but this model is "
+            f"{FAMILY_NAMES[family]}: use one of {scheduler_names(family)} (`swap_scheduler(pipe, name)`)"
+        )
 
 
 def swap_scheduler(pipe, name: str):
     """Replace `pipe.scheduler` with the named scheduler built from the current one's config; returns the pipe."""
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config, pipe.objective_family)
     return pipe

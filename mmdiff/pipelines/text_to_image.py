@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..conditioning.guided import GuidedDenoiser
+from ..conditioning.guided import GuidedDenoiser, WeakBranch
 from ..diffusion.gaussian import timestep_to_t
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import (
@@ -24,6 +24,7 @@ from .common import (
     check_number,
     per_sample_generators,
 )
+from .schedulers import check_scheduler_fits
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NON_FINITE = (
@@ -74,6 +75,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature; never mutated
+        guidance: str = "cfg",
+        guidance_params: dict | None = None,
+        weak_model=None,
     ) -> ImagePipelineOutput | tuple:
         """Args follow diffusers' text-to-image pipelines; w = `guidance_scale` = 1 means no guidance.
 
@@ -89,6 +93,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         output_type: "pil", "np" (N, H, W, 3) in [0, 1], "pt" (N, 3, H, W) in [0, 1] or "latent".
         callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": ...}) -> dict`; a returned "latents" replaces
             the current latents.
+        guidance: the guidance method, "cfg" (default), "apg", "cfg_zero_star", "tcfg" (diffusers' guiders; their
+            `guidance_scale` is w, same convention) or "autoguidance" (the unconditional branch is `weak_model`'s
+            conditional prediction: a pipeline or folder of an earlier or smaller checkpoint sharing VAE, tokenizer
+            and objective). guidance_params: the method's own arguments (e.g. {"zero_init_steps": 1}).
         """
         if guidance_scale is None:
             guidance_scale = self.sample_config.guidance_scale
@@ -107,6 +115,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance=guidance,
+            guidance_params=guidance_params,
+            weak_model=weak_model,
         )[1]
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
@@ -129,6 +140,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
+        guidance: str = "cfg",
+        guidance_params: dict | None = None,
+        weak_model=None,
     ) -> GuidanceSweepOutput:
         """The same prompts and initial noise at several guidance scales, in one batched denoising loop.
 
@@ -158,6 +172,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             generator=generator,
             latents=latents,
             output_type=output_type,
+            guidance=guidance,
+            guidance_params=guidance_params,
+            weak_model=weak_model,
         )
         groups = latents.chunk(len(scales))
         images = [self._postprocess(group, output_type) for group in groups]
@@ -216,6 +233,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         output_type: str,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS,
+        guidance: str = "cfg",
+        guidance_params: dict | None = None,
+        weak_model=None,
     ) -> tuple[list[str], torch.Tensor]:
         """Denoise S = len(guidance_scales) groups of N images in one loop.
 
@@ -253,6 +273,14 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             length = max(context.shape[1], uncond.shape[1])
             context, context_mask = pad_context(context, context_mask, length)
             negative = pad_context(uncond, uncond_mask, length)
+        weak = None
+        if guidance == "autoguidance" or weak_model is not None:
+            if weak_model is None:
+                raise ValueError(
+                    "guidance='autoguidance' needs weak_model (a pipeline or folder of a weaker checkpoint)"
+                )
+            weak_pipe = self.weak_pipeline(weak_model)
+            weak = WeakBranch(weak_pipe.transformer, *weak_pipe.encode_prompt(prompts))
         denoiser = GuidedDenoiser(
             self.transformer,
             context,
@@ -262,6 +290,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             negative=negative,
             guidance_interval=guidance_interval,
             guidance_rescale=guidance_rescale,
+            guidance=guidance,
+            guidance_params=guidance_params,
+            weak=weak,
+            num_inference_steps=num_inference_steps,
         )
 
         # 3. prepare latents: one draw of N, shared by every group of the sweep
@@ -274,9 +306,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         elif not torch.isfinite(latents).all():
             raise ValueError("latents must be finite: they hold NaN or inf")
+        check_scheduler_fits(self.scheduler, self.objective_family)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=self.transformer.dtype).repeat(s, 1, 1, 1)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
         num_train = self.scheduler.config.num_train_timesteps
         step_kwargs = self._step_kwargs(generator * s if isinstance(generator, list) else generator)
 
@@ -284,7 +317,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for i, timestep in enumerate(self.scheduler.timesteps):
                 t = timestep_to_t(timestep, num_train).to(device)
-                guided = denoiser(self.scheduler.scale_model_input(latents, timestep), t)
+                guided = denoiser(self._scale_model_input(latents, timestep), t)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents}
@@ -308,6 +341,11 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         if output_type == "latent":
             return latents
         return VaeImageProcessor(do_normalize=True).postprocess(values.float(), output_type=output_type)
+
+    def _scale_model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The scheduler's input scaling (Euler's 1 / sqrt(sigma^2 + 1)); flow schedulers have none."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return latents if scale is None else scale(latents, timestep)
 
     def _step_kwargs(self, generator) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)

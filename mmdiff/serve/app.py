@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from ..diffusion.masked import SAMPLERS  # noqa: E402
-from ..pipelines import SCHEDULERS  # noqa: E402
+from ..pipelines.schedulers import scheduler_names  # noqa: E402
 from . import handlers  # noqa: E402
 from .handlers import SAVED, ServeModel  # noqa: E402
 
@@ -54,7 +54,7 @@ def _shown_path(folder: str) -> str:
 
 def build_app(model: ServeModel) -> gr.Blocks:
     """The page for one loaded model; launch with `launch(demo, host, port)` or `demo.launch(...)`."""
-    scheduler_choices = [SAVED, *SCHEDULERS]
+    scheduler_choices = [SAVED, *scheduler_names(model.t2i.objective_family)]
     with gr.Blocks(title="mmdiff", analytics_enabled=False) as demo:
         gr.Markdown(
             f"# mmdiff\nModel: `{_shown_path(model.folder)}`, {model.t2i.image_size} px images, on {model.device}. "
@@ -137,8 +137,8 @@ def _sweep_tab(model: ServeModel) -> None:
                 label="Prompt", placeholder="there is a large green triangle", lines=2, elem_id="sweep-prompt"
             )
             scales = gr.Textbox(label="Guidance scales", value="1, 2, 3, 5", elem_id="sweep-scales")
-            # Guidance methods: one entry per key of handlers.GUIDANCE_METHODS (only classifier-free guidance exists
-            # today); a method added there appears in this menu with no change to the page.
+            # Guidance methods: one entry per key of handlers.GUIDANCE_METHODS; a method added there appears in this
+            # menu with no change to the page.
             method = gr.Dropdown(
                 list(handlers.GUIDANCE_METHODS),
                 value=next(iter(handlers.GUIDANCE_METHODS)),

@@ -19,8 +19,8 @@ import PIL.Image
 import torch
 
 from ..diffusion.masked import REMASKING, SAMPLERS
-from ..pipelines import SCHEDULERS, MMDiffTextToImagePipeline, as_image_to_text
-from ..pipelines.schedulers import make_scheduler
+from ..pipelines import MMDiffTextToImagePipeline, as_image_to_text
+from ..pipelines.schedulers import make_scheduler, scheduler_names
 
 MAX_IMAGES = 16  # images per text -> image request
 MAX_SCALES = 12  # guidance scales per sweep
@@ -33,14 +33,24 @@ SAVED = "as saved"  # the scheduler choice that keeps the folder's own scheduler
 Progress = Callable[[tuple[int, int]], Any] | None
 
 
-# Guidance methods of the sweep tab: name -> fn(model, sweep arguments) -> GuidanceSweepOutput.
-# Only classifier-free guidance exists today. A new method (once the pipelines have one) is one entry here with the
-# same signature; the page lists every key in its "Guidance method" menu.
-def _classifier_free(model: ServeModel, **kwargs) -> Any:
-    return model.t2i.guidance_sweep(**kwargs)
+# Guidance methods of the sweep tab: page label -> the pipelines' `guidance=` name (mmdiff.diffusion.guidance).
+# Autoguidance needs a weak model, which the page does not load: it is offered by `mmdiff sweep --weak-model`.
+METHOD_LABELS = {
+    "classifier-free guidance": "cfg",
+    "adaptive projected guidance (APG)": "apg",
+    "CFG-Zero*": "cfg_zero_star",
+    "tangential damping CFG": "tcfg",
+}
 
 
-GUIDANCE_METHODS: dict[str, Callable[..., Any]] = {"classifier-free guidance": _classifier_free}
+def _guided_sweep(method: str) -> Callable[..., Any]:
+    def run(model: ServeModel, **kwargs) -> Any:
+        return model.t2i.guidance_sweep(guidance=method, **kwargs)
+
+    return run
+
+
+GUIDANCE_METHODS: dict[str, Callable[..., Any]] = {label: _guided_sweep(name) for label, name in METHOD_LABELS.items()}
 
 
 @dataclass
@@ -85,7 +95,7 @@ class ServeModel:
         if not name or name == SAVED:
             self.t2i.scheduler = self.saved_scheduler
             return type(self.saved_scheduler).__name__
-        self.t2i.scheduler = make_scheduler(name, self.saved_scheduler.config)
+        self.t2i.scheduler = make_scheduler(name, self.saved_scheduler.config, self.t2i.objective_family)
         return name
 
 
@@ -212,8 +222,9 @@ def generate(
     steps = _integer("steps", steps, 1, MAX_STEPS)
     count = _integer("number of images", num_images, 1, MAX_IMAGES)
     interval = parse_interval(interval_low, interval_high)
-    if scheduler not in (SAVED, None, "") and scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {[SAVED, *SCHEDULERS]}")
+    names = scheduler_names(model.t2i.objective_family)
+    if scheduler not in (SAVED, None, "") and scheduler not in names:
+        raise ValueError(f"unknown scheduler {scheduler!r} for this model; choose one of {[SAVED, *names]}")
     generator = model.generator(seed)
     with model.lock:
         sampler = model.use_scheduler(scheduler)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
 
 from ..conditioning.guided import forward_with_dropout
-from ..diffusion.gaussian import image_loss, noise_latents, sample_timesteps, timestep_to_t
+from ..diffusion.gaussian import image_loss
 from ..diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
+from ..diffusion.process import FlowProcess, GaussianProcess, as_image_process
 from ..models.transformer import MMDiTModel
 
 
@@ -37,14 +37,19 @@ def image_task_loss(
     t: torch.Tensor,
     dropped: torch.Tensor,
     encode_text: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    process: GaussianProcess | FlowProcess | None = None,
+    extra=None,
 ) -> torch.Tensor:
-    """The text -> image loss with condition dropout: MSE of the prediction for `noisy` (N, C, H, W) at `t` (N,).
+    """The text -> image loss with condition dropout for `noisy` (N, C, H, W) at `t` (N,): the process's loss (MSE,
+    or flow matching's weighted MSE; `extra`: what `process.training_inputs` returned for it).
 
     Rows where `dropped` (N,) is True are conditioned on the null text context (`forward_with_dropout`: the loss is a
     mean, so the row order it returns does not matter). `encode_text(rows)`: the text context of those rows.
     """
     prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text)
-    return image_loss(prediction, target if order is None else target[order])
+    if process is None:
+        return image_loss(prediction, target if order is None else target[order])
+    return process.loss(prediction, target, extra, order)
 
 
 def joint_losses(
@@ -53,15 +58,17 @@ def joint_losses(
     input_ids: torch.Tensor,
     pad_token_id: int,
     mask_token_id: int,
-    noise_scheduler: DDPMScheduler,
+    image_process,
     weights: LossWeights,
     text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     text_task_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One step's losses for text -> image (Gaussian) and image -> text (MDLM).
+    """One step's losses for text -> image (the image process: Gaussian or flow matching) and image -> text (MDLM).
 
     Args:
+        image_process: a `GaussianProcess` / `FlowProcess` (`mmdiff.diffusion.process`), or a diffusers
+            `DDPMScheduler` (the Gaussian process it configures).
         latents: (N, C, H, W) clean scaled VAE latents z0. input_ids: (N, L) clean caption ids, pad-filled.
         text_context: a frozen encoder's projected context and mask, (N, S, D) and (N, S); None uses the joint
             text encoder on `input_ids`.
@@ -75,10 +82,8 @@ def joint_losses(
 
     # text -> image: the caption is the context, dropped to the null context with p = image_cond_drop
     dropped = drop_ids(n, weights.image_cond_drop, device, generator)
-    timesteps = sample_timesteps(n, noise_scheduler.config.num_train_timesteps, device, generator)
-    noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
-    noisy, target = noise_latents(noise_scheduler, latents, noise, timesteps)
-    t_image = timestep_to_t(timesteps, noise_scheduler.config.num_train_timesteps).to(device)
+    process = as_image_process(image_process)
+    noisy, target, t_image, extra = process.training_inputs(latents, generator)
 
     def encode_text(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if text_context is not None:
@@ -86,7 +91,7 @@ def joint_losses(
         ids = input_ids if rows is None else input_ids[rows]
         return model.encode_text(ids, ids != pad_token_id)
 
-    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text)
+    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text, process, extra)
 
     # image -> text: the clean latents are the context, dropped with p = text_cond_drop
     dropped_images = drop_ids(n, weights.text_cond_drop, device, generator)
@@ -114,14 +119,14 @@ class JointObjective(torch.nn.Module):
     def __init__(
         self,
         model: MMDiTModel,
-        noise_scheduler: DDPMScheduler,
+        image_process,
         weights: LossWeights,
         pad_token_id: int,
         mask_token_id: int,
     ):
         super().__init__()
         self.model = model
-        self.noise_scheduler = noise_scheduler
+        self.image_process = as_image_process(image_process)
         self.weights = weights
         self.pad_token_id = pad_token_id
         self.mask_token_id = mask_token_id
@@ -143,7 +148,7 @@ class JointObjective(torch.nn.Module):
             input_ids,
             self.pad_token_id,
             self.mask_token_id,
-            self.noise_scheduler,
+            self.image_process,
             self.weights,
             text_context=text_context,
             generator=generator,

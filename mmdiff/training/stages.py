@@ -113,19 +113,26 @@ def transformer_from_config(
     )
 
 
-def build_pipeline(transformer, vae, noise_scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None):
-    """The sampling pipeline for a trained model (DDIM with trailing timesteps by default; swap the diffusers way)."""
-    from diffusers import DDIMScheduler
-
+def build_pipeline(transformer, vae, scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None):
+    """The sampling pipeline for a trained model. `scheduler`: the sampling scheduler (the image process's
+    `sampling_scheduler()`: DDIM with trailing timesteps for Gaussian models, flow Euler for flow models), or the
+    training `DDPMScheduler`, which gives DDIM; swap it the diffusers way."""
     from ..diffusion.masked import MaskedDiffusionScheduler
+    from ..diffusion.process import as_image_process
     from ..pipelines.text_to_image import MMDiffTextToImagePipeline
 
     return MMDiffTextToImagePipeline(
         transformer=transformer,
         vae=vae,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing"),
+        scheduler=as_image_process(scheduler).sampling_scheduler() if _is_ddpm(scheduler) else scheduler,
         text_scheduler=MaskedDiffusionScheduler(),
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         text_encoder_tokenizer=text_encoder_tokenizer,
     )
+
+
+def _is_ddpm(scheduler) -> bool:
+    from diffusers import DDPMScheduler
+
+    return isinstance(scheduler, DDPMScheduler)

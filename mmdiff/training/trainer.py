@@ -25,7 +25,7 @@ from ..config import Config, to_yaml
 from ..data.dataset import make_dataloader
 from ..data.latents import check_latents_match, latents_from_batch, read_latents_meta
 from ..data.policies import caption_policy
-from ..diffusion.gaussian import make_noise_scheduler
+from ..diffusion.process import make_image_process
 from ..models.attention import set_attention_backend
 from ..models.text_encoders import (
     frozen_encoder_dim,
@@ -139,7 +139,7 @@ class Trainer:
         if self.main:
             trim_metrics(self.metrics_path, self.state.step if self.resumed_from is not None else None)
         objective = JointObjective(
-            self.model, self.noise_scheduler, self.weights, self.tokenizer.pad_token_id, self.tokenizer.mask_token_id
+            self.model, self.image_process, self.weights, self.tokenizer.pad_token_id, self.tokenizer.mask_token_id
         )
         self.objective, self.optimizer = accelerator.prepare(objective, self.optimizer)
         self.ema.to(accelerator.device)
@@ -184,14 +184,7 @@ class Trainer:
         if cfg.model.compile:  # after the EMA copy, which stays eager; in place, so state-dict keys do not change
             model.compile()
         d = cfg.diffusion
-        self.noise_scheduler = make_noise_scheduler(
-            {
-                "num_train_timesteps": d.num_train_timesteps,
-                "beta_schedule": d.beta_schedule,
-                "prediction_type": d.prediction_type,
-                "clip_sample": False,
-            }
-        )
+        self.image_process = make_image_process(d)
         self.weights = LossWeights(
             d.image_loss_weight, d.text_loss_weight, d.image_cond_drop, d.text_cond_drop, d.mask_eps
         )
@@ -293,7 +286,12 @@ class Trainer:
     def pipeline(self):
         """A sampling pipeline around the EMA weights (what a checkpoint saves)."""
         return build_pipeline(
-            self.ema, self.vae, self.noise_scheduler, self.tokenizer, self.text_encoder, self.encoder_tokenizer
+            self.ema,
+            self.vae,
+            self.image_process.sampling_scheduler(),
+            self.tokenizer,
+            self.text_encoder,
+            self.encoder_tokenizer,
         )
 
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:

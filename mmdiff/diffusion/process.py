@@ -1,0 +1,117 @@
+"""The image direction's noise process as one object: training inputs, loss, and the sampling scheduler that fits.
+
+`make_image_process(diffusion_config)` reads `diffusion.prediction_type`: "epsilon" / "v_prediction" give the
+Gaussian (DDPM-family) process on a diffusers `DDPMScheduler`, "flow" gives flow matching (`flow.py`). Training
+(`training/losses.py`) and the trainer's saved pipeline use only this interface, so a new objective is one class here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .flow import FlowSettings, flow_interpolate, flow_loss, flow_target, make_flow_scheduler, sample_flow_sigmas
+from .gaussian import (
+    PREDICTION_TYPES,
+    image_loss,
+    make_noise_scheduler,
+    noise_latents,
+    sample_timesteps,
+    timestep_to_t,
+)
+
+# every value of `diffusion.prediction_type`: the Gaussian ones and flow matching
+OBJECTIVES = (*PREDICTION_TYPES, "flow")
+
+
+def objective_family(prediction_type: str) -> str:
+    """ "flow" for flow matching, "gaussian" for epsilon / v prediction."""
+    return "flow" if prediction_type in ("flow", "flow_prediction") else "gaussian"
+
+
+class GaussianProcess:
+    """DDPM-family training (epsilon or v targets from diffusers' `DDPMScheduler`), sampled with DDIM by default."""
+
+    family = "gaussian"
+
+    def __init__(self, noise_scheduler):
+        self.noise_scheduler = noise_scheduler
+        self.num_train_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def training_inputs(
+        self, latents: torch.Tensor, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """(noisy latents, regression target, model time t in [0, 1], what the loss needs besides)."""
+        n, device = latents.shape[0], latents.device
+        timesteps = sample_timesteps(n, self.num_train_timesteps, device, generator)
+        noise = torch.randn(latents.shape, device=device, generator=generator, dtype=latents.dtype)
+        noisy, target = noise_latents(self.noise_scheduler, latents, noise, timesteps)
+        return noisy, target, timestep_to_t(timesteps, self.num_train_timesteps).to(device), None
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, extra: Any, order: torch.Tensor | None = None):
+        return image_loss(prediction, target if order is None else target[order])
+
+    def sampling_scheduler(self) -> SchedulerMixin:
+        return DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+
+
+class FlowProcess:
+    """Flow matching: x_sigma = (1 - sigma) x0 + sigma eps, velocity target, sampled with the flow Euler scheduler."""
+
+    family = "flow"
+
+    def __init__(self, settings: FlowSettings):
+        self.settings = settings
+
+    def training_inputs(
+        self, latents: torch.Tensor, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        sigmas = sample_flow_sigmas(latents.shape[0], self.settings, latents.device, generator)
+        noise = torch.randn(latents.shape, device=latents.device, generator=generator, dtype=latents.dtype)
+        return flow_interpolate(latents, noise, sigmas), flow_target(latents, noise), sigmas, sigmas
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, extra: Any, order: torch.Tensor | None = None):
+        sigmas = extra
+        if order is not None:
+            target, sigmas = target[order], sigmas[order]
+        return flow_loss(prediction, target, sigmas, self.settings.loss_weighting)
+
+    def sampling_scheduler(self) -> SchedulerMixin:
+        return make_flow_scheduler(self.settings.shift)
+
+
+def as_image_process(process_or_scheduler) -> GaussianProcess | FlowProcess:
+    """An image process, or a diffusers `DDPMScheduler` taken as the Gaussian process it configures."""
+    if hasattr(process_or_scheduler, "training_inputs"):
+        return process_or_scheduler
+    return GaussianProcess(process_or_scheduler)
+
+
+def make_image_process(diffusion) -> GaussianProcess | FlowProcess:
+    """The process a `diffusion:` config section (the dataclass or a mapping) describes."""
+    get = diffusion.get if isinstance(diffusion, dict) else lambda key, default=None: getattr(diffusion, key, default)
+    prediction_type = get("prediction_type", "epsilon")
+    if prediction_type == "flow":
+        return FlowProcess(
+            FlowSettings(
+                timestep_sampling=get("flow_timestep_sampling", "logit_normal"),
+                logit_mean=get("flow_logit_mean", 0.0),
+                logit_std=get("flow_logit_std", 1.0),
+                mode_scale=get("flow_mode_scale", 1.29),
+                shift=get("flow_shift", 1.0),
+                loss_weighting=get("flow_loss_weighting", "none"),
+            )
+        )
+    return GaussianProcess(
+        make_noise_scheduler(
+            {
+                "num_train_timesteps": get("num_train_timesteps", 1000),
+                "beta_schedule": get("beta_schedule", "squaredcos_cap_v2"),
+                "prediction_type": prediction_type,
+                "clip_sample": False,
+            }
+        )
+    )
