@@ -66,8 +66,8 @@ class Guidance:
     """One guidance method at one scale for one sampling call; holds the method's state (step, momentum).
 
     `guided = guidance(cond, uncond, step)`; `params` are the diffusers guider's own arguments (for "apg":
-    adaptive_projected_guidance_momentum, adaptive_projected_guidance_rescale, eta; for "cfg_zero_star":
-    zero_init_steps). "cfg" and "autoguidance" use `classifier_free_guidance` (with `guidance_rescale`).
+    adaptive_projected_guidance_momentum, adaptive_projected_guidance_rescale, eta, default here 0: the update's
+    component parallel to the conditional prediction dropped; for "cfg_zero_star": zero_init_steps). "cfg" and "autoguidance" use `classifier_free_guidance` (with `guidance_rescale`).
     """
 
     def __init__(
@@ -86,6 +86,8 @@ class Guidance:
         self.method, self.scale, self.rescale = method, float(guidance_scale), guidance_rescale
         self.num_inference_steps = num_inference_steps or 1000
         self.guider = None
+        if method == "apg":  # diffusers' eta = 1 keeps the parallel component: APG is then CFG until the norm cap
+            params = {"eta": 0.0, **params}
         class_name = GUIDANCE_METHODS[method][0]
         if class_name is not None:
             import diffusers.guiders as guiders
