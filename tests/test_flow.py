@@ -158,3 +158,30 @@ def test_train_a_flow_model_end_to_end(tiny_train_setup, tmp_path):
     assert pipe.scheduler.config.shift == 1.5
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a small red circle", num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_flow_training_resumes_exactly(tiny_train_setup, tmp_path):
+    # 2 steps, then --resume to 4, ends with the weights of 4 straight steps (constant rate: the schedule does not
+    # depend on max_steps), as for the Gaussian objective in test_resume.py
+    from conftest import stage_run_dir, tiny_train_overrides
+    from safetensors.torch import load_file
+
+    from mmdiff.config import load_config
+    from mmdiff.training.trainer import train
+
+    flow = ["diffusion.prediction_type=flow", "train.lr_schedule=constant"]
+
+    def run(folder, steps: int, resume: bool = False):
+        overrides = tiny_train_overrides(tiny_train_setup, folder, max_steps=steps, checkpoint_every=2, warmup_steps=1)
+        return train(load_config(None, overrides + flow), resume=resume)
+
+    stage_run_dir(tiny_train_setup, tmp_path / "a")
+    stage_run_dir(tiny_train_setup, tmp_path / "b")
+    run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    assert run(tmp_path / "b", 4, resume=True)["resumed_from"] is not None
+    weights = [
+        load_file(tmp_path / r / "checkpoints" / "step-00000004" / "training_state" / "model.safetensors") for r in "ab"
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
