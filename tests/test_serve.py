@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 
 import pytest
 from PIL import Image
@@ -209,16 +208,17 @@ def browser():
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = ""):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            value = predicate()
-        except Exception:  # the element is not there yet, or went stale while the page re-rendered
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    """Selenium's own explicit wait on any condition; an element not there yet, or gone stale while the page
+    re-rendered, counts as not yet."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    try:
+        return WebDriverWait(None, timeout, poll_frequency=0.2, ignored_exceptions=(Exception,)).until(
+            lambda _: predicate()
+        )
+    except TimeoutException:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def _open(driver, address):
@@ -275,7 +275,8 @@ def test_page_generates_images(server, browser):
         _set(browser, "#t2i-count input", 4)
         browser.find_element(By.ID, "t2i-run").click()
         _wait(lambda: "seed 0 · #3 · w = 4" in _page_text(browser), what="4 images")
-        time.sleep(1)
+        loaded = "return [...document.images].every(image => image.complete && image.naturalWidth > 0)"
+        _wait(lambda: browser.execute_script(loaded), what="the images drawn")
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(screenshot)
         Image.open(screenshot).convert("RGB").quantize(96).save(screenshot, optimize=True)  # a small file

@@ -10,7 +10,7 @@ import json
 
 from ..diffusion.guidance import GUIDANCE_METHODS
 from ..eval.encoder_train import DEFAULT_STEPS
-from .sample import add_sampler_options, sampler_settings
+from .sample import add_folder_default, add_sampler_options, sampler_settings
 
 EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
@@ -26,12 +26,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--clip", default=None, help="a local open_clip checkpoint (folder or file): CLIP score, FD")
     parser.add_argument("--inception", default=None, help="local InceptionV3 weights (FID as papers report it)")
-    parser.add_argument(
-        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
-    )
-    parser.add_argument(
-        "--caption-steps", type=int, default=None, help="unmasking steps (default: the folder's saved sample settings)"
-    )
+    add_folder_default(parser, "--steps", int, "image denoising steps")
+    add_folder_default(parser, "--caption-steps", int, "unmasking steps")
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,18 +46,8 @@ def add_parser(sub) -> None:
     _add_common(ev)
     ev.add_argument("--num-images", type=int, default=500)
     ev.add_argument("--num-captions", type=int, default=500)
-    ev.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="text->image w; 1 = no guidance (default: the folder's saved sample settings)",
-    )
-    ev.add_argument(
-        "--caption-guidance-scale",
-        type=float,
-        default=None,
-        help="image->text w on logits (default: the folder's saved sample settings)",
-    )
+    add_folder_default(ev, "--guidance-scale", float, "text->image w; 1 = no guidance")
+    add_folder_default(ev, "--caption-guidance-scale", float, "image->text w on logits")
     ev.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
     ev.add_argument("--diversity-prompts", type=int, default=8)
     ev.add_argument("--diversity-samples", type=int, default=16)

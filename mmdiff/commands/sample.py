@@ -263,6 +263,12 @@ def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> N
         )
 
 
+def add_folder_default(parser, flag: str, kind: type, what: str) -> None:
+    """An option that, left out, takes the pipeline folder's saved sample setting (`pipe.sample_config`)."""
+    where = "(default: the folder's saved sample settings)"
+    parser.add_argument(flag, type=kind, default=None, help=f"{what} {where}" if what else where)
+
+
 def add_sampler_options(parser) -> None:
     """The caption sampler's options (unset: the folder's text scheduler config)."""
     from ..diffusion.masked import SAMPLERS
@@ -291,15 +297,8 @@ def add_parser(sub) -> None:
     gen.add_argument("--prompt", action="append", default=[], help="repeatable; '' samples unconditionally")
     gen.add_argument("--prompts-file", help="one prompt per line")
     gen.add_argument("--negative-prompt", help="replaces the null context as the unguided branch")
-    gen.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: the folder's saved sample settings)"
-    )
-    gen.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="w; 1 = no guidance (default: the folder's saved sample settings)",
-    )
+    add_folder_default(gen, "--steps", int, "denoising steps")
+    add_folder_default(gen, "--guidance-scale", float, "w; 1 = no guidance")
     gen.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="phi in [0, 1]")
     gen.add_argument("--num-images-per-prompt", type=int, default=1)
@@ -315,15 +314,8 @@ def add_parser(sub) -> None:
     cap.add_argument("--unconditional", type=int, default=0, metavar="N", help="N captions from p(text), no image")
     cap.add_argument("--prompt", help="a fixed caption prefix, e.g. 'a small red'")
     cap.add_argument("--template", help="a caption with the tokenizer's mask token (e.g. [MASK]) at each blank")
-    cap.add_argument(
-        "--steps", type=int, default=None, help="unmasking steps (default: the folder's saved sample settings)"
-    )
-    cap.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="w on logits; 1 = no guidance (default: the folder's saved sample settings)",
-    )
+    add_folder_default(cap, "--steps", int, "unmasking steps")
+    add_folder_default(cap, "--guidance-scale", float, "w on logits; 1 = no guidance")
     cap.add_argument("--guidance-interval", type=float, nargs=2, metavar=("T_LOW", "T_HIGH"))
     cap.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     add_sampler_options(cap)
@@ -337,23 +329,17 @@ def add_parser(sub) -> None:
     _add_pipeline_options(pairs, "outputs/pairs")
     pairs.add_argument("--num", type=int, default=8)
     pairs.add_argument("--caption-steps", type=int, default=None)
-    pairs.add_argument(
-        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
-    )
-    pairs.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's saved sample settings")
+    add_folder_default(pairs, "--steps", int, "image denoising steps")
+    add_folder_default(pairs, "--guidance-scale", float, "")
     pairs.add_argument("--temperature", type=float, default=1.0, help="caption sampling temperature")
 
     vary = sub.add_parser("vary", help="image variation: caption each image, then generate from the caption")
     _add_pipeline_options(vary, "outputs/variations")
     vary.add_argument("images", nargs="*", help="image files")
     vary.add_argument("--num-variations", type=int, default=4)
-    vary.add_argument(
-        "--caption-guidance-scale", type=float, default=None, help="default: the folder's saved sample settings"
-    )
-    vary.add_argument(
-        "--steps", type=int, default=None, help="image denoising steps (default: the folder's saved sample settings)"
-    )
-    vary.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's saved sample settings")
+    add_folder_default(vary, "--caption-guidance-scale", float, "")
+    add_folder_default(vary, "--steps", int, "image denoising steps")
+    add_folder_default(vary, "--guidance-scale", float, "")
     vary.add_argument("--grid", action="store_true", help="also write one grid (images x variations)")
 
 

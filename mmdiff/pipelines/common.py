@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -99,10 +100,7 @@ class MMDiffPipelineBase(DiffusionPipeline):
     def fill_sample_settings(self, **settings: float | int | None) -> dict[str, float | int]:
         """The given `SampleConfig` fields (num_inference_steps, guidance_scale, caption_steps,
         caption_guidance_scale) with None replaced by this pipeline's defaults, e.g. for a report that records them."""
-        filled = {k: getattr(self.sample_config, k) if v is None else v for k, v in settings.items()}
-        if settings.get("caption_steps", 0) is None:
-            filled["caption_steps"] = self.default_caption_steps()
-        return filled
+        return {k: getattr(self.sample_config, k) if v is None else v for k, v in settings.items()}
 
     # ------------------------------------------------------------------ helpers
 
@@ -136,12 +134,18 @@ class MMDiffPipelineBase(DiffusionPipeline):
 
     def weak_pipeline(self, weak_model) -> MMDiffPipelineBase:
         """Autoguidance's weak model as a pipeline on this one's device and dtype: a pipeline, or a folder (an
-        earlier or smaller checkpoint). It must share this model's VAE, tokenizer and objective: a ValueError names
-        what differs."""
+        earlier or smaller checkpoint; loaded once per pipeline, not at every call). It must share this model's VAE,
+        tokenizer and objective: a ValueError names what differs."""
         if isinstance(weak_model, str | os.PathLike):
-            weak_model = type(self).from_pretrained(weak_model, dtype=self.transformer.dtype)
-            weak_model.to(self._execution_device)
-            weak_model.set_progress_bar_config(disable=True)
+            loaded = self.__dict__.setdefault("_weak_folders", {})
+            key = str(Path(weak_model).resolve())
+            if key not in loaded:
+                pipe = type(self).from_pretrained(weak_model, dtype=self.transformer.dtype)
+                pipe.to(self._execution_device)
+                pipe.set_progress_bar_config(disable=True)
+                check_weak_model(self, pipe)
+                loaded[key] = pipe
+            return loaded[key]
         if not isinstance(weak_model, MMDiffPipelineBase):
             raise TypeError(
                 f"weak_model must be an mmdiff pipeline or a pipeline folder, got {type(weak_model).__name__}"

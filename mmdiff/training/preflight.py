@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..data.captions import CAPTION_CHOICES, CaptionPolicy
+from ..data.captions import CaptionPolicy
 from ..data.latents import read_latents_meta
-from ..data.policies import TEXT_TASK_PHRASINGS, caption_policy
+from ..data.policies import caption_policy
 from ..data.shards import expand_urls
 
 
@@ -23,12 +23,8 @@ def preflight(cfg: Config) -> CaptionPolicy:
 
 
 def check_caption_policy(cfg: Config) -> CaptionPolicy:
-    """The caption policy of `cfg.data`; a ConfigError naming the key for an unknown `data.caption_choice` or
-    `data.text_task_phrasings` (also checked by `load_config`, for a Config built another way)."""
-    for key, allowed in (("caption_choice", CAPTION_CHOICES), ("text_task_phrasings", TEXT_TASK_PHRASINGS)):
-        value = getattr(cfg.data, key)
-        if value not in allowed:
-            raise ConfigError(f"data.{key}={value!r} is not one of {allowed}")
+    """The caption policy of `cfg.data` (its values are checked by `load_config`; `caption_policy` raises a
+    ValueError naming the key for a Config built another way)."""
     return caption_policy(cfg.data)
 
 
