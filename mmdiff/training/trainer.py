@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import time
@@ -452,8 +453,6 @@ class Trainer:
                 break
         progress.close()
         final_ckpt = self.save(final=True)
-        if self.main and t.trackers:
-            accelerator.end_training()
         skip_totals = total_skips(skip_counts_per_process(accelerator, state.skips))
         self.hooks.after_training(self.model, self.rank)
         return self._finish(started, skip_totals, final_ckpt)
@@ -482,9 +481,24 @@ class Trainer:
                 f"non-finite batches skipped: {state.nonfinite_skipped}"
             )
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        # Tear the process group down here, together, rather than in interpreter shutdown, where gloo's threads can
-        # abort one rank ("terminate called without an active exception") after a run that itself succeeded.
+        self._shut_down()
+        return summary
+
+    def _shut_down(self) -> None:
+        """Stop the trackers and tear the process group down, on every process together.
+
+        The DDP wrapper holds the process group: `destroy_process_group` alone only unregisters it, and the real
+        teardown would come when the Trainer is freed, at different times on each process and possibly after the
+        peer has exited (where gloo could hang one process for good, or abort it in interpreter shutdown). So the
+        wrapper is released first, then every process meets at a barrier and destroys the group.
+        """
+        accelerator = self.accelerator
+        self.objective = accelerator.unwrap_model(self.objective)
+        accelerator.free_memory()  # drops accelerate's own references to the prepared model and optimizer
+        gc.collect()
         accelerator.wait_for_everyone()
+        # Every process calls end_training: it finishes the trackers (the main process's only) and, in recent
+        # accelerate, destroys the process group, which a main-process-only call would do under the others' feet.
+        accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return summary
