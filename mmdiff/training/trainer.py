@@ -485,20 +485,15 @@ class Trainer:
         return summary
 
     def _shut_down(self) -> None:
-        """Stop the trackers and tear the process group down, on every process together.
-
-        The DDP wrapper holds the process group: `destroy_process_group` alone only unregisters it, and the real
-        teardown would come when the Trainer is freed, at different times on each process and possibly after the
-        peer has exited (where gloo could hang one process for good, or abort it in interpreter shutdown). So the
-        wrapper is released first, then every process meets at a barrier and destroys the group.
-        """
+        """Stop the trackers and tear the process group down on every process together. The DDP wrapper holds the
+        group, so it is released first: else the real teardown came when the Trainer was freed, at different times
+        per process, and gloo could hang a process whose peer had already exited."""
         accelerator = self.accelerator
         self.objective = accelerator.unwrap_model(self.objective)
         accelerator.free_memory()  # drops accelerate's own references to the prepared model and optimizer
         gc.collect()
         accelerator.wait_for_everyone()
-        # Every process calls end_training: it finishes the trackers (the main process's only) and, in recent
-        # accelerate, destroys the process group, which a main-process-only call would do under the others' feet.
+        # On every process: it finishes the trackers (main's only) and, in recent accelerate, destroys the group.
         accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
