@@ -46,15 +46,17 @@ def guidance_active(t: float, guidance_scale: float, guidance_interval: tuple[fl
 
 # Guidance methods beyond CFG: diffusers' guiders, whose default formulation shares this project's convention
 # (uncond + w (cond - uncond) at heart; w = 1 returns the conditional prediction, diffusers skips guidance there).
-# Each entry: the guider class (None: `classifier_free_guidance` here) and whether the formula is defined on any
-# tensor (and so applies to the text direction's logits too).
+# Each entry: the guider class (None: `classifier_free_guidance` here) and this project's defaults for its arguments
+# (a caller's `params` override them). Which methods do not apply to the text direction's logits: NOT_ON_LOGITS.
 GUIDANCE_METHODS = {
-    "cfg": (None, True),
-    "apg": ("AdaptiveProjectedGuidance", True),
-    "cfg_zero_star": ("ClassifierFreeZeroStarGuidance", False),
-    "tcfg": ("TangentialClassifierFreeGuidance", True),
+    "cfg": (None, {}),
+    # diffusers' eta = 1 keeps the update's component parallel to the conditional prediction, which makes APG equal
+    # CFG until its norm cap (measured on the shipped model, README "Guidance methods"); 0 drops it
+    "apg": ("AdaptiveProjectedGuidance", {"eta": 0.0}),
+    "cfg_zero_star": ("ClassifierFreeZeroStarGuidance", {}),
+    "tcfg": ("TangentialClassifierFreeGuidance", {}),
     # the unconditional branch is a weaker model's conditional prediction (Karras et al. 2024); CFG's rule combines
-    "autoguidance": (None, True),
+    "autoguidance": (None, {}),
 }
 NOT_ON_LOGITS = {
     "cfg_zero_star": "its zero-init steps set the prediction to 0, which for logits is the uniform distribution, not "
@@ -65,9 +67,9 @@ NOT_ON_LOGITS = {
 class Guidance:
     """One guidance method at one scale for one sampling call; holds the method's state (step, momentum).
 
-    `guided = guidance(cond, uncond, step)`; `params` are the diffusers guider's own arguments (for "apg":
-    adaptive_projected_guidance_momentum, adaptive_projected_guidance_rescale, eta, default here 0: the update's
-    component parallel to the conditional prediction dropped; for "cfg_zero_star": zero_init_steps). "cfg" and "autoguidance" use `classifier_free_guidance` (with `guidance_rescale`).
+    `guided = guidance(cond, uncond, step)`; `params` are the diffusers guider's own arguments over the defaults in
+    GUIDANCE_METHODS (for "apg": adaptive_projected_guidance_momentum, adaptive_projected_guidance_rescale, eta; for
+    "cfg_zero_star": zero_init_steps). "cfg" and "autoguidance" use `classifier_free_guidance` (with `guidance_rescale`).
     """
 
     def __init__(
@@ -86,9 +88,8 @@ class Guidance:
         self.method, self.scale, self.rescale = method, float(guidance_scale), guidance_rescale
         self.num_inference_steps = num_inference_steps or 1000
         self.guider = None
-        if method == "apg":  # diffusers' eta = 1 keeps the parallel component: APG is then CFG until the norm cap
-            params = {"eta": 0.0, **params}
-        class_name = GUIDANCE_METHODS[method][0]
+        class_name, defaults = GUIDANCE_METHODS[method]
+        params = {**defaults, **params}
         if class_name is not None:
             import diffusers.guiders as guiders
             from diffusers.utils import logging as diffusers_logging

@@ -16,16 +16,11 @@ from ..data.shards import expand_urls
 
 
 def preflight(cfg: Config) -> CaptionPolicy:
-    """Everything :func:`check_caption_policy` and :func:`check_paths` check; returns the caption policy."""
-    policy = check_caption_policy(cfg)
+    """The caption policy of `cfg.data` (its values are checked by `load_config`; `caption_policy` raises a
+    ValueError naming the key for a Config built another way), then :func:`check_paths`; returns the policy."""
+    policy = caption_policy(cfg.data)
     check_paths(cfg)
     return policy
-
-
-def check_caption_policy(cfg: Config) -> CaptionPolicy:
-    """The caption policy of `cfg.data` (its values are checked by `load_config`; `caption_policy` raises a
-    ValueError naming the key for a Config built another way)."""
-    return caption_policy(cfg.data)
 
 
 def check_paths(cfg: Config) -> None:
