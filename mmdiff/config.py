@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,16 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     kind: str = "word"  # word (trained on the shards' captions) | clip_bpe (open_clip's vocabulary) | pretrained
-    path: str | None = None  # a tokenizer folder, for kind=pretrained
+    path: str | None = None  # a tokenizer folder or a hub id (org/name), for kind=pretrained
+    revision: str | None = None  # with a hub id: a branch, tag or commit hash (default: main)
 
 
 @dataclass
 class VAEConfig:
-    pretrained_path: str | None = None  # a local diffusers AutoencoderKL folder; None trains the tiny VAE first
+    # a diffusers AutoencoderKL folder (or a pipeline folder with vae/), or a hub id (org/name); None trains the tiny
+    # VAE first
+    pretrained_path: str | None = None
+    revision: str | None = None  # with a hub id: a branch, tag or commit hash (default: main)
     latent_channels: int = 4
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     train_steps: int = 600
@@ -72,7 +76,8 @@ class VAEConfig:
 @dataclass
 class TextEncoderConfig:
     kind: str = "joint"  # joint (trained with the DiT) | clip | t5 | open_clip (frozen, loaded from `path`)
-    path: str | None = None
+    path: str | None = None  # a model folder (or a pipeline folder with text_encoder/), or a hub id (org/name)
+    revision: str | None = None  # with a hub id: a branch, tag or commit hash (default: main)
     max_length: int = 77
 
 
@@ -249,13 +254,25 @@ def saved_pipeline_config(folder: str | Path) -> dict[str, Any]:
     return OmegaConf.to_container(_read_yaml(path)) if path.is_file() else {}  # type: ignore[return-value]
 
 
-def sample_settings(folder: str | Path | None = None) -> SampleConfig:
-    """The sampling defaults of a pipeline folder: the `sample` section of the config saved with it
-    (`mmdiff_config.yaml`) over `SampleConfig`'s defaults, the one source of the defaults every command and both
-    pipelines use when a setting is not given."""
-    section = (saved_pipeline_config(folder).get("sample") or {}) if folder is not None else {}
+def pipeline_settings(training_config: Any) -> dict[str, Any]:
+    """The settings a pipeline registers in its own config (`model_index.json`) from a training config (a `Config`,
+    or the plain dict of a saved `mmdiff_config.yaml`): the objective family ("gaussian" for epsilon / v prediction,
+    "flow" for flow matching), the sampling defaults (`sample`) and the caption phrasing (`data.text_task_phrasings`)
+    the captioner was taught."""
+    raw = (
+        OmegaConf.to_container(OmegaConf.structured(training_config))
+        if is_dataclass(training_config)
+        else training_config
+    )
+    raw = raw or {}
+    prediction_type = (raw.get("diffusion") or {}).get("prediction_type") or "epsilon"
+    section = raw.get("sample") or {}
     known = {f.name for f in fields(SampleConfig)}
-    return SampleConfig(**{k: v for k, v in section.items() if k in known})
+    return {
+        "objective": "flow" if prediction_type in ("flow", "flow_prediction") else "gaussian",
+        "sample_defaults": asdict(SampleConfig(**{k: v for k, v in section.items() if k in known})),
+        "caption_phrasing": str((raw.get("data") or {}).get("text_task_phrasings") or "all"),
+    }
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -404,9 +421,9 @@ def validate(cfg: Config) -> None:
     if cfg.diffusion.image_loss_weight == 0 and cfg.diffusion.text_loss_weight == 0:
         raise ConfigError("diffusion.image_loss_weight and diffusion.text_loss_weight are both 0: nothing to train")
     if cfg.text_encoder.kind != "joint" and not cfg.text_encoder.path:
-        raise ConfigError(f"text_encoder.kind={cfg.text_encoder.kind!r} needs text_encoder.path (a local folder)")
+        raise ConfigError(f"text_encoder.kind={cfg.text_encoder.kind!r} needs text_encoder.path (a folder or a hub id)")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.path:
-        raise ConfigError("tokenizer.kind='pretrained' needs tokenizer.path (a local folder)")
+        raise ConfigError("tokenizer.kind='pretrained' needs tokenizer.path (a folder or a hub id)")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads")
     if cfg.model.hidden_size % 4:  # the 2D sin-cos position embedding splits the width in four

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import close_at_scale, make_model
 
-from mmdiff.conditioning import GuidedDenoiser, TextConditioner, forward_with_dropout
+from mmdiff.conditioning import GuidanceSpec, GuidedDenoiser, TextConditioner, forward_with_dropout
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.guidance import classifier_free_guidance
 
@@ -51,7 +51,7 @@ def test_guided_denoiser_equals_two_plain_forwards(model, tokenizer):
         plain = model(sample, t, ctx, mask)
         plain = plain.float() if stream == "text" else plain
         assert close_at_scale(GuidedDenoiser(model, ctx, mask, stream, [1.0])(sample, t), plain)
-        outside = GuidedDenoiser(model, ctx, mask, stream, [3.0], guidance_interval=(0.0, 0.5))
+        outside = GuidedDenoiser(model, ctx, mask, stream, GuidanceSpec((3.0,), interval=(0.0, 0.5)))
         assert close_at_scale(outside(sample, t), plain) and outside.num_forward_rows == 3
     # a sweep: S groups in one forward equal S separate denoisers; a negative context replaces the null context
     sample = torch.randn(3, 4, 8, 8)

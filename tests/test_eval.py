@@ -30,8 +30,9 @@ from mmdiff.eval import (
     render_prompt,
     score_image,
 )
-from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_phrasings
+from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_policy
 from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
+from mmdiff.pipelines import MMDiffImageToTextPipeline
 from mmdiff.pipelines.factory import load_pipeline
 
 # A random caption names the same normalised scene as another random one with probability sum_s p(s)^2: half the
@@ -245,8 +246,8 @@ def test_evaluate_writes_a_reproducible_record(saved_pipe, tiny_val, tmp_path):
 
 
 def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_val, tmp_path):
-    # a captioner trained with data.text_task_phrasings=left_first (read from the folder's mmdiff_config.yaml) gets its
-    # NLL bound on the left-first phrasings of the references, and no relation-direction probe
+    # a captioner trained with data.text_task_phrasings=left_first (its `caption_phrasing` setting in
+    # model_index.json) gets its NLL bound on the left-first phrasings of the references, and no relation-direction probe
     from mmdiff.eval import evaluate
 
     assert left_first_caption("a small red circle right of a large blue square") == (
@@ -258,11 +259,13 @@ def test_left_first_models_are_scored_on_left_first_references(saved_pipe, tiny_
     )
     for unchanged in ("a small red circle above a large blue square", "a small red circle", "two red circles"):
         assert left_first_caption(unchanged) == unchanged
-    assert trained_caption_phrasings(saved_pipe) == "all"  # no config in the folder
-    (saved_pipe / "mmdiff_config.yaml").write_text("data:\n  text_task_phrasings: left_first\n")
-    assert trained_caption_phrasings(saved_pipe) == "left_first" and trained_caption_phrasings(object()) == "all"
+    assert trained_caption_policy(MMDiffImageToTextPipeline.from_pretrained(saved_pipe)).name == "all"
+    index_path = saved_pipe / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "caption_phrasing": "left_first"}))
+    loaded = MMDiffImageToTextPipeline.from_pretrained(saved_pipe)
+    assert trained_caption_policy(loaded).name == "left_first"
     canonical = ["a small red circle right of a large blue square", "a small red circle"]
-    assert nll_references(saved_pipe, canonical) == ([left_first_caption(canonical[0]), canonical[1]], "left_first")
+    assert nll_references(loaded, canonical) == ([left_first_caption(canonical[0]), canonical[1]], "left_first")
 
     _, encoder = tiny_val
     write_shapes_shards(tmp_path / "data", 24, image_size=16, seed=2, val_fraction=0.5, shard_size=12)
@@ -351,3 +354,29 @@ def test_sweep_compares_methods_at_every_scale(saved_pipe, tiny_val, tmp_path, c
     assert "autoguidance w=3" in capsys.readouterr().out
     assert main([*args[:-4], "--guidance-methods", "autoguidance"]) == 2
     assert "needs --weak-model" in capsys.readouterr().err
+
+
+def test_a_pipeline_and_its_folder_evaluate_the_same(saved_pipe, tiny_val):
+    # the settings that shape an evaluation (sampling defaults, caption phrasing) are the pipeline's own config, so
+    # the folder and the object loaded from it give one record
+    from mmdiff.eval import evaluate
+
+    index_path = saved_pipe / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(caption_phrasing="left_first", sample_defaults={**index["sample_defaults"], "num_inference_steps": 2})
+    index_path.write_text(json.dumps(index))
+    shards, encoder = tiny_val
+    kwargs = dict(num_images=2, num_captions=2, caption_steps=2, encoder=encoder, diversity_prompts=1,
+                  diversity_samples=2, nll_levels=1, batch_size=4, device="cpu")  # fmt: skip
+    from_folder = evaluate(saved_pipe, shards, **kwargs)
+    from_object = evaluate(load_pipeline(saved_pipe, device="cpu", progress=False), shards, **kwargs)
+
+    def results(record):  # what was measured and with which settings: no name, command line or timings
+        if isinstance(record, dict):
+            return {k: results(v) for k, v in record.items() if k not in ("model", "command") and "seconds" not in k}
+        return record
+
+    from_folder, from_object = results(from_folder), results(from_object)
+    assert from_folder["image_to_text"]["nll_references"] == "left_first"
+    assert from_folder["num_inference_steps"] == 2  # the folder's sampling default
+    assert json.dumps(from_folder, sort_keys=True, default=str) == json.dumps(from_object, sort_keys=True, default=str)

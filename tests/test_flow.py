@@ -100,7 +100,7 @@ def test_w1_equals_the_conditional_velocity_with_the_flow_euler_scheduler(flow_p
     prompts = ["a small red circle", "a large blue square"]
     out = pipe(prompts, guidance_scale=1.0, num_inference_steps=4, latents=noise, output_type="latent").images
     # by hand: Euler on the conditional velocity at t = sigma
-    context, mask = pipe.encode_prompt(prompts)
+    context, mask = pipe.text_context(*pipe.encode_prompt(prompts)[:2])
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(4)
     x = noise.clone()

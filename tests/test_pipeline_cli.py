@@ -142,11 +142,10 @@ def test_text_to_image_bad_inputs(pipe):
 
 
 def test_unset_options_take_the_folders_sample_settings(saved_pipe, tmp_path):
-    # the folder's saved `sample:` section is the default of every command and of both pipelines: a run without
+    # the folder's sampling defaults (the pipeline's `sample_defaults` setting in model_index.json, written from the
+    # training config's `sample:` section) are the default of every command and of both pipelines: a run without
     # --steps / --guidance-scale equals one that passes the folder's values, and differs from the library defaults
     import shutil
-
-    import yaml
 
     from mmdiff.config import SampleConfig
     from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
@@ -154,7 +153,8 @@ def test_unset_options_take_the_folders_sample_settings(saved_pipe, tmp_path):
     folder = tmp_path / "with_settings"
     shutil.copytree(saved_pipe, folder)
     settings = {"num_inference_steps": 3, "guidance_scale": 1.5, "caption_steps": 4, "caption_guidance_scale": 1.0}
-    (folder / "mmdiff_config.yaml").write_text(yaml.safe_dump({"sample": settings}))
+    index_path = folder / "model_index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "sample_defaults": settings}))
     assert SampleConfig().guidance_scale != 1.5 and SampleConfig().num_inference_steps != 3
 
     def generate(name: str, *extra: str) -> list:

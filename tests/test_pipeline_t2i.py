@@ -43,7 +43,7 @@ def test_batched_cfg_with_cached_kv_equals_two_separate_forwards_recomputing_con
     assert len(calls) == 1  # K/V of cond and uncond computed once for the whole call
     monkeypatch.undo()
 
-    cond, cond_mask = pipe.encode_prompt(PROMPTS)
+    cond, cond_mask = pipe.text_context(*pipe.encode_prompt(PROMPTS)[:2])
     null, null_mask = pipe.transformer.null_context("text", 2, cond.shape[1])
     latents = torch.randn(out.shape, generator=_seed())
     pipe.scheduler.set_timesteps(steps)

@@ -44,7 +44,7 @@ def test_w1_equals_conditional_only_at_every_step(pipe):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert pipe._num_forward_rows == 2 * 4  # no unconditional rows ran
-    context, mask = pipe.encode_prompt(PROMPTS)
+    context, mask = pipe.text_context(*pipe.encode_prompt(PROMPTS)[:2])
     latents = torch.randn(guided.shape, generator=torch.Generator().manual_seed(0))
     pipe.scheduler.set_timesteps(4)
     for timestep in pipe.scheduler.timesteps:

@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     folder.add_argument("--shard-size", type=int, default=1000)
     latents = data.add_parser("latents", help="encode image shards once into VAE-latent shards (data.latent_shards)")
     latents.add_argument("--shards", required=True, help="image shards: a folder, brace pattern, glob or comma list")
-    latents.add_argument("--vae", required=True, help="the training VAE: an AutoencoderKL folder, or one with vae/")
+    latents.add_argument(
+        "--vae", required=True, help="the training VAE: an AutoencoderKL folder, one with vae/, or a hub id (org/name)"
+    )
     latents.add_argument("--out", required=True)
     latents.add_argument("--image-size", type=int, default=32, help="the training data.image_size")
     latents.add_argument("--batch-size", type=int, default=64)

@@ -10,22 +10,26 @@ import json
 
 from ..diffusion.guidance import GUIDANCE_METHODS
 from ..eval.encoder_train import DEFAULT_STEPS
-from .sample import add_folder_default, add_sampler_options, sampler_settings
+from .sample import add_folder_default, add_model_options, add_sampler_options, model_folder, sampler_settings
 
 EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a saved pipeline folder")
+    add_model_options(parser)
     parser.add_argument("--shards", required=True, help="validation shards (folder, glob, brace range or list)")
     parser.add_argument(
         "--encoder",
         default=None,
-        help="an `mmdiff eval-encoder` folder trained on your shards: the default feature space (on shapes: "
-        "assets/eval_encoder_shapes)",
+        help="an `mmdiff eval-encoder` folder trained on your shards, or a hub id (org/name): the default feature "
+        "space (on shapes: assets/eval_encoder_shapes)",
     )
-    parser.add_argument("--clip", default=None, help="a local open_clip checkpoint (folder or file): CLIP score, FD")
-    parser.add_argument("--inception", default=None, help="local InceptionV3 weights (FID as papers report it)")
+    parser.add_argument(
+        "--clip", default=None, help="an open_clip checkpoint (folder or file) or a hub id (org/name): CLIP score, FD"
+    )
+    parser.add_argument(
+        "--inception", default=None, help="InceptionV3 weights (a file, or a hub id): FID as papers report it"
+    )
     add_folder_default(parser, "--steps", int, "image denoising steps")
     add_folder_default(parser, "--caption-steps", int, "unmasking steps")
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
@@ -71,7 +75,9 @@ def add_parser(sub) -> None:
         choices=list(GUIDANCE_METHODS),
         help="compare guidance methods at every scale (same prompts and seeds): methods.csv, _grid.png, _plot.png",
     )
-    sw.add_argument("--weak-model", default=None, help="autoguidance: a pipeline folder of a weaker checkpoint")
+    sw.add_argument(
+        "--weak-model", default=None, help="autoguidance: a weaker checkpoint's pipeline folder or hub id (org/name)"
+    )
     sw.set_defaults(nll_levels=4)
 
     _add_eval_encoder_parser(sub)
@@ -79,7 +85,7 @@ def add_parser(sub) -> None:
         "eval-samplers",
         help="caption samplers compared: caption scores against transformer rows and captions/s (table and plot)",
     )
-    samplers.add_argument("--model", required=True, help="a saved pipeline folder")
+    add_model_options(samplers)
     samplers.add_argument("--shards", required=True, help="held-out shards (folder, glob, brace range or list)")
     samplers.add_argument("--num", type=int, default=512, help="images to caption with every setting")
     samplers.add_argument("--guidance-scale", type=float, default=None, help="caption w (default: the folder's)")
@@ -105,7 +111,7 @@ def run(args) -> int:
         if args.num < 2 or args.batch_size < 1:
             raise ValueError(f"--num must be >= 2 and --batch-size >= 1, got {args.num} and {args.batch_size}")
         record = compare_caption_samplers(
-            args.model, args.shards, args.num, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+            model_folder(args), args.shards, args.num, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
             seed=args.seed, device=args.device, out_dir=args.out,
         )  # fmt: skip
         key = accuracy_key(record["settings"][0])
@@ -122,7 +128,7 @@ def run(args) -> int:
         from ..eval.run import evaluate
 
         result = evaluate(
-            args.model,
+            model_folder(args),
             args.shards,
             num_images=args.num_images,
             num_captions=args.num_captions,
@@ -159,7 +165,7 @@ def run(args) -> int:
     from ..eval.sweep import sweep
 
     record = sweep(
-        args.model,
+        model_folder(args),
         args.shards,
         scales=args.scales,
         caption_scales=args.caption_scales,
@@ -181,7 +187,7 @@ def run(args) -> int:
         out_dir=args.out,
         caption_sampler=sampler_settings(args),
         guidance_methods=args.guidance_methods,
-        weak_model=args.weak_model,
+        weak_model=model_folder(args, "weak_model"),
     )
     for row in record["text_to_image"]:
         figures = [f"{k} {row[k]:.4g}" for k in ("fd", "clip_score", "r_precision", "prompt_accuracy") if k in row]

@@ -12,16 +12,42 @@ import torch
 
 from ..eval.plots import save_grid
 
+MODEL_HELP = "a saved pipeline folder or a hub id (org/name)"
+
+
+def add_model_options(parser, required: bool = True, default: str | None = None) -> None:
+    """--model (a pipeline folder or a hub id) and --revision (which revision of a hub id)."""
+    help_text = MODEL_HELP + (f" (default: {default})" if default else "")
+    parser.add_argument("--model", required=required, default=None, help=help_text)
+    parser.add_argument(
+        "--revision", default=None, help="with a hub id for --model: a branch, tag or commit hash (default: main)"
+    )
+
+
+def model_folder(args, option: str = "model") -> Path | None:
+    """The folder of --model (or another option naming a pipeline), a hub id fetched into the Hugging Face cache at
+    --revision (`mmdiff.hub.resolve_pretrained`); None when the option is unset. A folder that does not exist is
+    returned as it is, and the loader names it."""
+    from ..hub import resolve_pretrained
+
+    name = getattr(args, option, None)
+    if name is None:
+        return None
+    revision = getattr(args, "revision", None) if option == "model" else None
+    if revision and Path(name).expanduser().exists():
+        raise ValueError(f"--revision {revision} applies to a hub id; --model {name} is a local folder")
+    return resolve_pretrained(name, revision=revision, what=f"--{option.replace('_', '-')}")
+
 
 def load_pipe(cls, args):
-    """The command's pipeline (`load_pipeline` with --model, --device, --dtype, --scheduler, --compile, --quiet)
-    and a generator seeded with --seed."""
+    """The command's pipeline (`load_pipeline` with --model at --revision, --device, --dtype, --scheduler,
+    --compile, --quiet) and a generator seeded with --seed."""
     from ..pipelines.factory import load_pipeline, pick_device
 
     if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise ValueError(f"--seed {args.seed} is out of range: it must lie in [0, 2**64 - 1]")
     pipe = load_pipeline(
-        args.model,
+        model_folder(args),
         cls,
         device=args.device,
         dtype=args.dtype,
@@ -247,8 +273,8 @@ def vary_command(args) -> int:
 
 
 def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> None:
-    """Options every sampling subcommand shares: the folder, device, dtype, seed, output and progress bar."""
-    parser.add_argument("--model", required=True, help="a saved pipeline folder")
+    """Options every sampling subcommand shares: the model, device, dtype, seed, output and progress bar."""
+    add_model_options(parser)
     parser.add_argument("--out", default=default_out)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
@@ -292,7 +318,7 @@ def sampler_settings(args) -> dict:
 
 
 def add_parser(sub) -> None:
-    gen = sub.add_parser("generate", help="text -> image with a saved pipeline folder")
+    gen = sub.add_parser("generate", help="text -> image with a saved pipeline folder or hub id")
     _add_pipeline_options(gen, "outputs/generate")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable; '' samples unconditionally")
     gen.add_argument("--prompts-file", help="one prompt per line")
@@ -306,7 +332,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--grid", action="store_true", help="also write one image grid (prompts x samples)")
 
-    cap = sub.add_parser("caption", help="image -> text with a saved pipeline folder")
+    cap = sub.add_parser("caption", help="image -> text with a saved pipeline folder or hub id")
     _add_pipeline_options(cap, "outputs/captions.json", scheduler=False)
     cap.add_argument("images", nargs="*", help="image files")
     cap.add_argument("--shards", help="caption the first --num images of these shards instead")

@@ -6,16 +6,15 @@ import errno
 import os
 import socket
 import sys
-from pathlib import Path
+
+from .sample import add_model_options, model_folder
 
 
 def add_parser(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="a web demo in the browser (Gradio): text -> image, guidance sweep, image -> text"
     )
-    serve.add_argument(
-        "--model", default=None, help="a saved pipeline folder (default: the shipped assets/shapes_small)"
-    )
+    add_model_options(serve, required=False, default="the shipped assets/shapes_small")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
@@ -58,7 +57,7 @@ def run(args) -> int:
         check_port(args.host, args.port)  # before the model loads: a busy port fails in a moment
         from ..paths import SHIPPED_MODEL, find_repo_file
 
-        folder = Path(args.model) if args.model else find_repo_file(SHIPPED_MODEL)
+        folder = model_folder(args) or find_repo_file(SHIPPED_MODEL)
         samples = args.samples or _default_samples()
         from ..pipelines import check_pipeline_folder
         from ..serve.app import build_app, launch

@@ -1,11 +1,12 @@
 """Conditioning and guidance: the layer between the model / noise processes and the pipelines, training and eval.
 
 - `TextConditioner`: captions -> text context (jointly trained or frozen encoder), empty prompts -> null context.
+- `GuidanceSpec`: a call's guidance (scales, method, interval, rescale, weak model), validated once.
 - `GuidedDenoiser`: the classifier-free-guidance batch for sampling and likelihoods, with its speed-ups.
 - `forward_with_dropout`: the training forward with condition dropout (dropped rows on the null context).
 """
 
-from mmdiff.conditioning.guided import GuidedDenoiser, forward_with_dropout
+from mmdiff.conditioning.guided import GuidanceSpec, GuidedDenoiser, forward_with_dropout
 from mmdiff.conditioning.text import TextConditioner, tokenize_for_frozen_encoder
 
-__all__ = ["GuidedDenoiser", "TextConditioner", "forward_with_dropout", "tokenize_for_frozen_encoder"]
+__all__ = ["GuidanceSpec", "GuidedDenoiser", "TextConditioner", "forward_with_dropout", "tokenize_for_frozen_encoder"]

@@ -18,12 +18,12 @@ keep guidance cheap are applied once, for every caller:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..diffusion.guidance import Guidance, guidance_active
+from ..diffusion.guidance import GUIDANCE_METHODS, NOT_ON_LOGITS, Guidance, guidance_active
 from ..models.transformer import CFGRows, MMDiTModel, select_context_rows
 
 # which null context stands in for a dropped condition of each noisy stream: images are conditioned on text, text on
@@ -34,6 +34,48 @@ NULL_KIND = {"image": "text", "text": "image"}
 def stream_of(sample: torch.Tensor) -> str:
     """ "image" for float latents, "text" for integer token ids (the model's own rule)."""
     return "image" if torch.is_floating_point(sample) else "text"
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """How a sampling call combines the conditional and unconditional branches; the pipelines validate their
+    arguments into one of these once (`mmdiff.pipelines.common.guidance_spec`) and hand it down.
+
+    scales: one w per group of rows (a sweep when there are several); w = 1 is unguided, 0 unconditional.
+    method: a key of `mmdiff.diffusion.guidance.GUIDANCE_METHODS` ("cfg", "apg", "cfg_zero_star", "tcfg",
+        "autoguidance"); params: the diffusers guider's own arguments.
+    interval: (t_low, t_high); outside it only the conditional rows run. rescale: phi of Lin et al. 2024.
+    weak_model: autoguidance's weaker checkpoint (a pipeline, folder or hub id), given exactly when method is
+        "autoguidance".
+    """
+
+    scales: tuple[float, ...] = (1.0,)
+    method: str = "cfg"
+    params: Mapping = field(default_factory=dict)
+    interval: tuple[float, float] | None = None
+    rescale: float = 0.0
+    weak_model: object = None
+
+    def __post_init__(self):
+        if self.method not in GUIDANCE_METHODS:
+            raise ValueError(f"guidance must be one of {tuple(GUIDANCE_METHODS)}, got {self.method!r}")
+        if (self.method == "autoguidance") != (self.weak_model is not None):
+            raise ValueError(
+                "guidance='autoguidance' needs weak_model (a pipeline, folder or hub id of a weaker checkpoint), "
+                "and only it takes one"
+            )
+
+    @property
+    def guided(self) -> bool:
+        return any(w != 1.0 for w in self.scales)
+
+    def with_scales(self, *scales: float) -> GuidanceSpec:
+        return replace(self, scales=tuple(float(w) for w in scales))
+
+    def check_stream(self, stream: str) -> None:
+        """Refuse a method that is not defined on `stream`'s predictions (the text direction's logits)."""
+        if stream == "text" and self.method in NOT_ON_LOGITS:
+            raise ValueError(f"guidance={self.method!r} does not apply to captions: {NOT_ON_LOGITS[self.method]}")
 
 
 @dataclass
@@ -53,17 +95,13 @@ class GuidedDenoiser:
         model: the MMDiTModel.
         context, context_mask: the condition for N rows, (N, S, D) and (N, S).
         stream: "image" (the sample is latents; the condition is text) or "text" (token ids; the condition is an image).
-        guidance_scales: one w per group of N rows (S groups, a sweep when S > 1); w = 1 is unguided.
+        guidance: a `GuidanceSpec`, or just the list of scales (plain CFG); S scales make a sweep of S groups of N rows.
         negative: an explicit unconditional context and mask for the N rows (a negative prompt), padded to the
             condition's length; None uses the learned null context.
-        guidance_interval: (t_low, t_high); outside it only the conditional rows run.
-        guidance_rescale: phi of Lin et al. 2024 (Gaussian predictions).
+        weak: autoguidance's unconditional branch (`WeakBranch`), when the spec's method is "autoguidance".
+        num_inference_steps: the sampling call's steps, for methods whose rule depends on the step (CFG-Zero*).
         cache_context: False recomputes the condition's K/V at every call (only `mmdiff bench` sets it, to measure
             what the cache saves; the output is the same).
-        guidance: the method combining the two branches (`mmdiff.diffusion.guidance.GUIDANCE_METHODS`: "cfg", "apg",
-            "cfg_zero_star", "tcfg", "autoguidance"), with `guidance_params` (the diffusers guider's arguments);
-            "autoguidance" takes its unconditional branch from `weak` instead of the null context.
-        num_inference_steps: the sampling call's steps, for methods whose rule depends on the step (CFG-Zero*).
 
     Calling it with `sample` (S*N rows: group g holds rows g*N..(g+1)*N) and the model time t in [0, 1] (a scalar, or
     (S*N,) per row when there is no guidance interval) returns the guided prediction for every row: float32 logits
@@ -76,32 +114,25 @@ class GuidedDenoiser:
         context: torch.Tensor,
         context_mask: torch.Tensor,
         stream: str,
-        guidance_scales: Sequence[float] = (1.0,),
+        guidance: GuidanceSpec | Sequence[float] = GuidanceSpec(),
         negative: tuple[torch.Tensor, torch.Tensor] | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        guidance_rescale: float = 0.0,
-        cache_context: bool = True,
-        guidance: str = "cfg",
-        guidance_params: dict | None = None,
         weak: WeakBranch | None = None,
         num_inference_steps: int | None = None,
+        cache_context: bool = True,
     ):
         if stream not in NULL_KIND:
             raise ValueError(f"stream must be one of {tuple(NULL_KIND)}, got {stream!r}")
-        if (guidance == "autoguidance") != (weak is not None):
-            raise ValueError("guidance='autoguidance' needs a weak model (weak_model=...), and only it takes one")
+        spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec(scales=tuple(map(float, guidance)))
+        spec.check_stream(stream)
+        if (spec.method == "autoguidance") != (weak is not None):
+            raise ValueError("guidance='autoguidance' guides against a weak model: it needs its WeakBranch")
         if weak is not None and negative is not None:
             raise ValueError("autoguidance guides against the weak model: it takes no negative prompt")
-        self.model, self.stream = model, stream
-        self.scales = [float(w) for w in guidance_scales]
-        self.guiders = [
-            Guidance(guidance, w, guidance_rescale, num_inference_steps, stream, **(guidance_params or {}))
-            for w in self.scales
-        ]
-        self.interval, self.rescale = guidance_interval, guidance_rescale
-        self.n, groups = context.shape[0], len(self.scales)
-        guided = any(w != 1.0 for w in self.scales)
-        self.negative_rows = guided and negative is not None
+        self.model, self.stream, self.spec = model, stream, spec
+        self.num_inference_steps = num_inference_steps
+        self.interval, self.rescale = spec.interval, spec.rescale
+        self.n, groups = context.shape[0], len(spec.scales)
+        self.negative_rows = negative is not None
         if self.negative_rows:  # rows [negative of every group; condition of every group]: (2 S N, ...)
             uncond, uncond_mask = negative
             context = torch.cat([uncond.to(context.dtype).repeat(groups, 1, 1), context.repeat(groups, 1, 1)])
@@ -116,10 +147,36 @@ class GuidedDenoiser:
             weak_context, weak_mask = weak.context.repeat(groups, 1, 1), weak.context_mask.repeat(groups, 1)
             self._weak_mask = weak_mask
             self._weak_kv = weak.model.context_kv(weak_context, weak_mask, absorb=None)
-        null = guided and not self.negative_rows and weak is None
-        self.null_outputs = model.null_outputs(NULL_KIND[stream]) if null else None
+        self._null_outputs = None
+        self.set_scales(spec.scales)
         self.num_forward_rows = 0
         self._step = 0
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        """Guide the following calls at `scales` (one per group), e.g. a w that a step callback changed; the
+        method's state (APG's momentum) starts anew for a scale that changed."""
+        scales = [float(w) for w in scales]
+        if len(scales) != len(self.spec.scales):
+            raise ValueError(f"set_scales needs {len(self.spec.scales)} scales, got {len(scales)}")
+        old = getattr(self, "scales", None)
+        self.guiders = [
+            self.guiders[g]
+            if old is not None and old[g] == w
+            else Guidance(
+                self.spec.method, w, self.spec.rescale, self.num_inference_steps, self.stream, **dict(self.spec.params)
+            )
+            for g, w in enumerate(scales)
+        ]
+        self.scales = scales
+
+    @property
+    def null_outputs(self) -> list[torch.Tensor] | None:
+        """The null-context rows' per-block outputs (`MMDiTModel.null_outputs`), computed once, when first needed."""
+        if self.negative_rows or self.weak is not None:
+            return None
+        if self._null_outputs is None:
+            self._null_outputs = self.model.null_outputs(NULL_KIND[self.stream])
+        return self._null_outputs
 
     @property
     def guided(self) -> bool:

@@ -2,8 +2,8 @@
 
 A model is trained either with the jointly trained text encoder (the transformer's own, on the caption tokenizer's
 ids) or with a frozen pretrained encoder (CLIP, T5, open_clip) whose hidden states the transformer projects. That
-choice is made here once (`TextConditioner.frozen`); a dropped or empty prompt becomes the learned null context here
-and in `guided.forward_with_dropout` through the same `MMDiTModel.drop_context`.
+choice is made here once (`TextConditioner.frozen`); a dropped or empty prompt becomes the learned null context
+through `MMDiTModel.drop_context`, in the pipeline and in `guided.forward_with_dropout`.
 """
 
 from __future__ import annotations
@@ -85,18 +85,10 @@ class TextConditioner:
         return model.encode_text(input_ids, input_ids != self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def encode_prompts(
+    def joint_context(
         self, model: MMDiTModel, prompts: list[str], device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> context for sampling. Empty prompts (also those of pad tokens only) get the null context."""
-        if self.frozen:
-            context, key_mask = self.context(model, frozen=self.frozen_hidden(prompts, device))
-        else:
-            ids, _ = encode_captions(self.tokenizer, prompts, model.config.max_text_length)
-            context, key_mask = self.context(model, ids.to(device))
-        # a prompt of nothing but pad tokens ("[PAD]") leaves its row no key to attend to, and softmax over no keys is
-        # NaN: like an empty prompt, it gets the null context
-        empty = torch.tensor([not p.strip() for p in prompts], device=device) | ~key_mask.any(1)
-        if empty.any():
-            context, key_mask = model.drop_context(context, key_mask, empty, "text")
-        return context, key_mask
+        """Prompts -> the joint encoder's context (N, S, D) and key mask (N, S) for sampling (the pipeline gives the
+        rows without a real token the null context, `MMDiffTextToImagePipeline.text_context`)."""
+        ids, _ = encode_captions(self.tokenizer, prompts, model.config.max_text_length)
+        return self.context(model, ids.to(device))

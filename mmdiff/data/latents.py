@@ -31,6 +31,7 @@ from tqdm import tqdm
 from mmdiff.data.images import prepare_image
 from mmdiff.data.shards import SkipStats, expand_urls, iterate_records
 from mmdiff.data.writer import ShardSink
+from mmdiff.hub import resolve_pretrained
 from mmdiff.models.vae import encode_posterior, load_vae, vae_downsample_factor
 
 LATENTS_EXT = "latents.npy"
@@ -163,7 +164,7 @@ def encode_shards_to_latents(
         # ShardSink clears shard-*.tar in its folder first: that must never be the input.
         raise ValueError(f"--out {out_dir} holds input shards; write the latents to another folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = load_vae(vae_path).to(device).requires_grad_(False).eval()
+    vae = load_vae(resolve_pretrained(vae_path, what="VAE")).to(device).requires_grad_(False).eval()
     fingerprint = vae_fingerprint(vae)
     latent_shape = _expected_shape(fingerprint, image_size)
     storage = STORAGE_DTYPES[dtype]

@@ -19,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, CLIPTokenizerFast, PreTrainedTokenizerFast
 
+from mmdiff.hub import resolve_pretrained
+
 PAD_TOKEN = "[PAD]"
 MASK_TOKEN = "[MASK]"
 UNK_TOKEN = "[UNK]"
@@ -114,9 +116,10 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedToken
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a fast tokenizer saved with ``save_pretrained`` from a local folder (never downloads)."""
-    path = Path(path)
+def load_tokenizer(path: str | Path, revision: str | None = None) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer saved with ``save_pretrained`` from a folder, or from a hub id ("org/name") fetched into
+    the Hugging Face cache at ``revision`` (:func:`mmdiff.hub.resolve_pretrained`); a folder is never downloaded to."""
+    path = resolve_pretrained(path, revision=revision, what="tokenizer")
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {path}")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -130,8 +133,10 @@ def build_tokenizer(
     captions: Iterable[str] | None = None,
     path: str | Path | None = None,
     min_frequency: int = 1,
+    revision: str | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Build a tokenizer of ``kind``: "word" (trained on ``captions``), "clip_bpe", or "pretrained" (from ``path``)."""
+    """Build a tokenizer of ``kind``: "word" (trained on ``captions``), "clip_bpe", or "pretrained" (from ``path``, a
+    folder or a hub id at ``revision``)."""
     if kind == "word":
         if captions is None:
             raise ValueError("tokenizer kind 'word' needs captions to train on")
@@ -140,8 +145,8 @@ def build_tokenizer(
         return clip_bpe_tokenizer()
     if kind == "pretrained":
         if path is None:
-            raise ValueError("tokenizer kind 'pretrained' needs a path to a local tokenizer folder")
-        return load_tokenizer(path)
+            raise ValueError("tokenizer kind 'pretrained' needs a path: a tokenizer folder or a hub id")
+        return load_tokenizer(path, revision=revision)
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
 
 

@@ -15,14 +15,12 @@ With ``guidance_scale`` w != 1 the denoiser is the CFG combination of the logits
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from PIL import Image
 
 from mmdiff.conditioning.guided import GuidedDenoiser
-from mmdiff.config import saved_pipeline_config
 from mmdiff.data.captions import CaptionPolicy
 from mmdiff.data.policies import caption_policy
 from mmdiff.data.shapes import parse_caption
@@ -60,17 +58,10 @@ def caption_metrics(predicted: list[str], references: list[dict[str, Any]], cano
 _OPPOSITE_WORD = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
-def trained_caption_policy(model) -> CaptionPolicy:
-    """The caption policy a saved pipeline folder was trained with, from its saved `data` config (the default policy
-    when it does not say, or for a pipeline object): its captioner is scored on references phrased as it was taught."""
-    data = saved_pipeline_config(model).get("data") if isinstance(model, str | os.PathLike) else None
-    return caption_policy(data or {})
-
-
-def trained_caption_phrasings(model) -> str:
-    """`data.text_task_phrasings` a saved pipeline folder was trained with ("all" when it does not say, or for a
-    pipeline object)."""
-    return trained_caption_policy(model).name
+def trained_caption_policy(pipe) -> CaptionPolicy:
+    """The caption policy a pipeline's captioner was trained with (its `caption_phrasing` setting, saved in the
+    folder's `model_index.json`): its captioner is scored on references phrased as it was taught."""
+    return caption_policy({"text_task_phrasings": pipe.config.caption_phrasing})
 
 
 def nll_references(model, canonical: list[str]) -> tuple[list[str], str]:

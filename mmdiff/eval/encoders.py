@@ -1,9 +1,12 @@
-"""Which feature spaces an evaluation uses, loaded from local files, and the checks that they fit the data.
+"""Which feature spaces an evaluation uses, loaded from local files or hub ids, and the checks that they fit the
+data.
 
 `resolve_encoders(encoder, clip, inception, benchmark, ...)` returns ({space name: EvalEncoder} in report order, notes):
 the mmdiff eval encoder (`--encoder DIR`, else the benchmark's shipped one), then open_clip (`--clip`), then
-InceptionV3 (`--inception`). The first is the primary space. With none of them the generic image metrics are not
-computed (caption n-gram scores and the NLL bound need no encoder) and `evaluate` says how to get one.
+InceptionV3 (`--inception`). Each may be a hub id ("org/name"), fetched into the Hugging Face cache
+(`mmdiff.hub.resolve_pretrained`, safetensors only). The first is the primary space. With none of them the generic
+image metrics are not computed (caption n-gram scores and the NLL bound need no encoder) and `evaluate` says how to
+get one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from mmdiff.hub import resolve_pretrained
 from mmdiff.paths import find_repo_file
 
 # a caption set whose words the encoder mostly does not know was written for other data
@@ -34,7 +38,8 @@ def resolve_encoders(
     real_images: list,
     captions: list[str],
 ) -> tuple[dict[str, Any], list[str]]:
-    """The feature spaces of one evaluation, every one loaded from a local path (nothing is downloaded), and notes.
+    """The feature spaces of one evaluation and notes; each is a local path or a hub id (nothing is downloaded
+    unless a hub id is given).
 
     An encoder the user names must fit the data (`check_encoders_fit`, else ValueError); the benchmark's default one
     is left out with a note when it does not (a 16 px model on shapes, say), since nobody asked for it.
@@ -42,7 +47,7 @@ def resolve_encoders(
     spaces: dict[str, Any] = {}
     notes: list[str] = []
     if encoder is not None:
-        spaces["eval_encoder"] = load_encoder_space(encoder, device)
+        spaces["eval_encoder"] = load_encoder_space(resolve_pretrained(encoder, what="eval encoder"), device)
         check_encoders_fit(spaces, image_size, real_images, captions)
     elif benchmark is not None and benchmark.default_encoder:
         try:
@@ -54,11 +59,14 @@ def resolve_encoders(
     if clip is not None:
         from .pretrained import OpenCLIPEncoder
 
-        spaces["open_clip"] = OpenCLIPEncoder.from_local(clip, device=device)
+        spaces["open_clip"] = OpenCLIPEncoder.from_local(
+            resolve_pretrained(clip, what="open_clip model"), device=device
+        )
     if inception is not None:
         from .pretrained import InceptionEncoder
 
-        spaces["inception"] = InceptionEncoder.from_local(inception, device=device)
+        weights = resolve_pretrained(inception, what="InceptionV3 weights")
+        spaces["inception"] = InceptionEncoder.from_local(weights, device=device)
     if not spaces:
         notes.append(
             "no feature space: FD, KID, precision/recall, CLIP score and R-precision need --encoder (train one on "

@@ -1,9 +1,11 @@
-"""Pretrained feature spaces loaded from local files only (nothing is downloaded): open_clip and InceptionV3.
+"""Pretrained feature spaces loaded from local files: open_clip and InceptionV3. Hub ids are fetched into local
+folders before they get here (`mmdiff.eval.encoders.resolve_encoders`, with `mmdiff.hub.resolve_pretrained`).
 
 - `OpenCLIPEncoder.from_local(source, checkpoint_path=None)`: an open_clip CLIP model. CLIP score and R-precision in
   its joint space are the figures papers report as "CLIP score"; FD in its image embeddings is "FD_CLIP".
 - `InceptionEncoder.from_local(weights_file)`: torch-fidelity's InceptionV3 (the TF-FID port FID is reported with),
-  2048-d pool features, so `metrics.frechet_distance` on them is FID as papers report it.
+  2048-d pool features, so `metrics.frechet_distance` on them is FID as papers report it. A folder holding one
+  .safetensors file (a hub snapshot) stands for that file.
 
 Both implement the `EvalEncoder` protocol of `metrics.py`. Weights are safetensors, or a PyTorch file read with
 `torch.load(weights_only=True)` (tensors and plain containers only: no code runs); unrestricted pickles are refused.
@@ -130,7 +132,7 @@ class OpenCLIPEncoder:
         device: str = "cpu",
         batch_size: int = 64,
     ) -> OpenCLIPEncoder:
-        """Load from local files; nothing is downloaded.
+        """Load from local files; nothing is downloaded here (a hub id is resolved to a folder by the caller).
 
         source: a model folder in open_clip's hub layout (`open_clip_config.json` + `open_clip_model.safetensors`),
         then checkpoint_path may be omitted; or, with checkpoint_path (a .safetensors, or a .pt/.pth/.bin read
@@ -141,7 +143,10 @@ class OpenCLIPEncoder:
         transformers: it must be a local folder or in the Hugging Face cache (run with HF_HUB_OFFLINE=1).
         """
         if isinstance(source, str | os.PathLike) and str(source).startswith(("hf-hub:", "local-dir:")):
-            raise ValueError(f"{source}: give a local folder or file path; hub names would download")
+            raise ValueError(
+                f"{source}: open_clip's hub names would download past mmdiff's checks; give a local folder or file, "
+                "or the hub id as org/name to --clip"
+            )
         if checkpoint_path is None:
             if isinstance(source, dict) or _builtin_name(source):
                 raise ValueError(f"{source}: give its weights file as checkpoint_path, or an open_clip model folder")
@@ -247,6 +252,15 @@ def inception_weights_to_safetensors(weights_file: str | os.PathLike, out_file: 
     return Path(out_file)
 
 
+def _single_safetensors(folder: Path, what: str) -> Path:
+    """The one .safetensors file of `folder` (a hub snapshot of a weights-only repo); ValueError otherwise."""
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        found = f"{len(files)} .safetensors files" if files else "no .safetensors file"
+        raise ValueError(f"{folder}: {what} as a folder must hold exactly one .safetensors file, found {found}")
+    return files[0]
+
+
 class InceptionEncoder:
     """torch-fidelity's InceptionV3 (FID's feature extractor): 2048-d pool features of uint8 RGB images; no text side.
 
@@ -262,11 +276,14 @@ class InceptionEncoder:
 
     @classmethod
     def from_local(cls, weights_file: str | os.PathLike, device: str = "cpu", batch_size: int = 32) -> InceptionEncoder:
-        """weights_file: .safetensors, or torch-fidelity's .pth (read with weights_only=True). FileNotFoundError when
-        it is missing, ValueError when it is not InceptionV3's weights."""
+        """weights_file: .safetensors, or torch-fidelity's .pth (read with weights_only=True), or a folder (a hub
+        snapshot) holding one .safetensors file. FileNotFoundError when it is missing, ValueError when it is not
+        InceptionV3's weights."""
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = _existing(weights_file, "InceptionV3 weights file")
+        if path.is_dir():
+            path = _single_safetensors(path, "InceptionV3 weights")
         state = load_weights(path)
         # torch-fidelity's constructor reads its path argument with torch.load(weights_only=False), an unrestricted
         # pickle; it is handed the tensors read safely above, re-serialised in memory, instead of the user's file

@@ -167,7 +167,7 @@ def evaluate(
     # image -> text
     i2t_records = records.head(num_captions)
     i2t = caption_report(
-        pipe, i2t_records, spaces, benchmark, pipeline_folder, caption_guidance_scale, caption_steps, nll_levels,
+        pipe, i2t_records, spaces, benchmark, pipe, caption_guidance_scale, caption_steps, nll_levels,
         batch_size, seed, caption_sampler=caption_sampler,
     )  # fmt: skip
 

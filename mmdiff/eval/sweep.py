@@ -191,7 +191,7 @@ def sweep(
     caption_rows: list[dict[str, Any]] = []
     for w in caption_scales:
         row = caption_report(
-            pipe, caption_records, spaces, benchmark, pipeline_folder, w, caption_steps, nll_levels, batch_size,
+            pipe, caption_records, spaces, benchmark, pipe, w, caption_steps, nll_levels, batch_size,
             seed, probes=False, nll_guidance_scale=w,
             nll_null_bits=caption_rows[0]["nll_null_bits"] if caption_rows else None, caption_sampler=caption_sampler,
         )  # fmt: skip

@@ -43,15 +43,39 @@ def xformers_usable() -> bool:
     return True
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    slice_size: int | None = None,
+) -> torch.Tensor:
     """Multi-head attention.
 
     Args:
         q: (N, H, T, d) queries. k, v: (N, H, S, d).
         key_mask: (N, S) bool, True where the key may be attended to (a key padding mask), or None.
+        slice_size: attention slicing (diffusers' `enable_attention_slicing`): the N x H (row, head) pairs are computed
+            `slice_size` at a time, so the score matrix held at once is `slice_size` x T x S instead of N x H x T x S.
+            None computes all at once. The result is the same either way.
     Returns:
         (N, H, T, d).
     """
+    n, h = q.shape[:2]
+    if slice_size is None or slice_size >= n * h:
+        return _attention(q, k, v, key_mask)
+    # (N, H, ...) -> (N*H, 1, ...): one "row" per (row, head) pair, each with its row's key mask
+    flat = [x.reshape(n * h, 1, *x.shape[2:]) for x in (q, k, v)]
+    mask = None if key_mask is None else key_mask.repeat_interleave(h, dim=0)  # (N*H, S)
+    parts = [
+        _attention(*(x[i : i + slice_size] for x in flat), None if mask is None else mask[i : i + slice_size])
+        for i in range(0, n * h, slice_size)
+    ]
+    return torch.cat(parts).reshape(q.shape)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention` without slicing, on the selected backend."""
     if _backend == "xformers" and q.is_cuda:
         return _xformers_attention(q, k, v, key_mask)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, S), broadcast over heads/queries

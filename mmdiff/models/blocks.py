@@ -40,6 +40,7 @@ class SelfAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.slice_size: int | None = None  # attention slicing (`MMDiTModel.set_attention_slice`)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -48,7 +49,7 @@ class SelfAttention(nn.Module):
         # unbind, not indexing: its backward writes the three gradients into one buffer (indexing zero-fills a full
         # (3, N, H, T, d) buffer per index)
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, key_mask)  # (N, H, T, d)
+        out = attention(q, k, v, key_mask, self.slice_size)  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -76,6 +77,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.slice_size: int | None = None  # attention slicing (`MMDiTModel.set_attention_slice`)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -119,7 +121,7 @@ class CrossAttention(nn.Module):
             probs = scores.view(n, t, self.num_heads, -1).softmax(dim=-1).view(n, t, -1)
             return torch.baddbmm(self.proj.bias, probs, kv.values)
         q = self.q(x).view(n, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # (N, H, T, d)
-        out = attention(q, kv[0], kv[1], key_mask)
+        out = attention(q, kv[0], kv[1], key_mask, self.slice_size)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 

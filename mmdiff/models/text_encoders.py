@@ -23,6 +23,8 @@ from diffusers.configuration_utils import register_to_config
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
 
+from .hooks import input_device
+
 FROZEN_ENCODER_KINDS = ("clip", "t5", "open_clip")
 # Top-level names of the text tower's weights inside a full open_clip ``CLIP`` state dict.
 _OPEN_CLIP_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -260,7 +262,7 @@ def encode_with_frozen_encoder(
     Returns:
         ``(N, S, D_enc)`` last hidden states (for open_clip: the ``ln_final`` output before pooling), without grad.
     """
-    device = encoder.device
+    device = input_device(encoder, input_ids)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if isinstance(encoder, OpenCLIPTextEncoder):
         return encoder(input_ids, attention_mask)

@@ -16,7 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 
-from .blocks import AbsorbedContext, DiTBlock, EncoderBlock, FinalLayer
+from .blocks import AbsorbedContext, CrossAttention, DiTBlock, EncoderBlock, FinalLayer, SelfAttention
+from .hooks import offload_entry_point, weights_under_hooks
 
 TASK_IMAGE, TASK_TEXT = 0, 1
 ADALN_MODES = ("per_block", "single")
@@ -74,9 +75,11 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t: (N,) -> (N, D) in `dtype`, the activations' dtype (not the weights': with layerwise casting they are
+        stored in float8 and cast inside each layer's forward)."""
         freqs = get_timestep_embedding(t * 1000.0, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        return self.mlp(freqs.to(self.mlp[0].weight.dtype))
+        return self.mlp(freqs.to(dtype))
 
 
 class MMDiTModel(ModelMixin, ConfigMixin):
@@ -101,6 +104,9 @@ class MMDiTModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # layerwise casting (fp8 storage) leaves these in the compute dtype: embeddings, norms and the adaLN input
+    # (precision-critical, as diffusers' own DiTs keep them)
+    _skip_layerwise_casting_patterns = ["patch_embed", "image_context_embed", "token_embed", "norm", "t_embedder"]
 
     @register_to_config
     def __init__(
@@ -164,6 +170,24 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             config_dict = {**config_dict, "adaln": "per_block"}
         return super().extract_init_dict(config_dict, **kwargs)
 
+    def set_attention_slice(self, slice_size: str | int | None) -> None:
+        """Attention slicing, as diffusers' `pipe.enable_attention_slicing(slice_size)` sets it: "auto" computes half
+        the heads of one row at a time, "max" one (row, head) pair, an int that many pairs, None turns it off.
+        Self- and cross-attention in every block and context encoder; the absorbed cross-attention path (used only
+        when its scores are smaller than the activations, heads x S < width) is not sliced."""
+        heads = self.config.num_heads
+        if slice_size == "auto":
+            slice_size = max(heads // 2, 1)
+        elif slice_size == "max":
+            slice_size = 1
+        elif slice_size is not None and (
+            isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1
+        ):
+            raise ValueError(f"slice_size must be 'auto', 'max', a positive integer or None, got {slice_size!r}")
+        for module in self.modules():
+            if isinstance(module, SelfAttention | CrossAttention):
+                module.slice_size = slice_size
+
     def initialize_weights(self) -> None:
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -214,6 +238,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         x = x.flatten(2).transpose(1, 2).contiguous()  # (N, h*w, D)
         return x + self._image_pos_embed(h, w, x)
 
+    @offload_entry_point
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +256,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             x = block(x, mask)
         return self.text_context_norm(x), mask
 
+    @offload_entry_point
     def encode_external_text(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +267,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         hidden_states, mask = trim_padding(hidden_states, attention_mask.bool())
         return self.text_context_norm(self.external_text_proj(hidden_states)), mask
 
+    @offload_entry_point
     def encode_image(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image context from clean scaled latents (N, C, H, W): (N, S, D) with S = H*W/p^2, and an all-True mask."""
         x = self._patchify(self.image_context_embed, latents)
@@ -249,6 +276,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         x = self.image_context_norm(x)
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
+    @offload_entry_point
     def null_context(self, kind: str, batch_size: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned null context for `kind` ("text" or "image"), right-padded to `length` tokens.
 
@@ -265,6 +293,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         mask[:, :n_null] = True
         return context, mask
 
+    @offload_entry_point
     def drop_context(
         self, context: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, kind: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +307,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         context = torch.where(keep[:, None, None], context, null.to(context.dtype))
         return context, torch.where(keep[:, None], mask, null_mask)
 
+    @offload_entry_point
     def context_kv(
         self, context: torch.Tensor, context_mask: torch.Tensor | None = None, absorb: bool | None = False
     ) -> list[ContextCache]:
@@ -301,15 +331,19 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         Per query token, absorbed cross-attention costs 2 x heads x S x D multiply-adds against 2 x D^2 for the query
         and output projections. Folding costs 2 x S x D^2 per context row: nothing per step when the context is
         cached for a sampling call (`query_tokens=None`: absorb when heads x S < D), once per forward otherwise
-        (`query_tokens=T`: absorb when S x (D + T x heads) < T x D). Never with a null context longer than one token.
+        (`query_tokens=T`: absorb when S x (D + T x heads) < T x D). Never with a null context longer than one token,
+        nor while offload or layerwise-casting hooks manage the weights (`weights_under_hooks`).
         """
         if self.null_text_context.shape[0] != 1 or self.null_image_context.shape[0] != 1:
+            return False
+        if weights_under_hooks(self):  # folding reads the projection weights outside their layers' forward
             return False
         heads, width = self.config.num_heads, self.config.hidden_size
         if query_tokens is None:
             return heads * context_length < width
         return context_length * (width + query_tokens * heads) < query_tokens * width
 
+    @offload_entry_point
     def null_outputs(self, kind: str) -> list[torch.Tensor]:
         """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
         sampling call and pass it to `forward(..., cfg_rows=CFGRows(null=..., null_outputs=...))`.
@@ -357,7 +391,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             x = self._patchify(self.patch_embed, sample)  # (N, T, D)
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
-        cond = self.t_embedder(t) + self.task_embed(task)  # (N, D)
+        cond = self.t_embedder(t, x.dtype) + self.task_embed(task)  # (N, D)
         cfg_rows = cfg_rows or CFGRows()
         null_rows, null_outputs, repeat_rows = cfg_rows.null, cfg_rows.null_outputs, cfg_rows.repeat
         if repeat_rows is not None:  # from here on the batch is cat([rows repeated, sample]); x follows in block 0

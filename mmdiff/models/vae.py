@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from diffusers import AutoencoderKL
 
+from .hooks import input_device
+
 
 def tiny_vae(
     image_size: int = 32,
@@ -90,7 +92,7 @@ def encode_latents(
         ``(B, C, H / f, W / f)`` latents ``(z - shift_factor) * scaling_factor``, in the VAE's dtype.
         Gradients flow unless the caller wraps this in ``torch.no_grad()``.
     """
-    x = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    x = pixel_values.to(device=input_device(vae, pixel_values), dtype=vae.dtype)
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator) if sample else posterior.mode()
     return scale_latents(vae, z)
@@ -111,7 +113,7 @@ def encode_posterior(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[to
         ``(mean, std)``, each ``(B, C, H / f, W / f)``: ``mean`` is ``encode_latents(..., sample=False)`` and
         ``mean + std * eps`` is its posterior sample for the same ``eps`` (equal up to float rounding).
     """
-    x = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    x = pixel_values.to(device=input_device(vae, pixel_values), dtype=vae.dtype)
     posterior = vae.encode(x).latent_dist
     return scale_latents(vae, posterior.mode()), posterior.std * vae.config.scaling_factor
 
@@ -121,7 +123,7 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 
     Undoes ``encode_latents`` exactly: ``z = latents / scaling_factor + shift_factor``.
     """
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + _shift(vae)
+    z = latents.to(device=input_device(vae, latents), dtype=vae.dtype) / vae.config.scaling_factor + _shift(vae)
     return vae.decode(z).sample.clamp(-1.0, 1.0)
 
 

@@ -5,6 +5,8 @@ Both pipeline classes take the same components, so either one loads any saved mm
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import numbers
 import os
@@ -13,29 +15,61 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..conditioning.guided import GuidanceSpec
 from ..conditioning.text import TextConditioner, frozen_token_budget
-from ..config import SampleConfig, sample_settings, saved_pipeline_config
+from ..config import SampleConfig, pipeline_settings, saved_pipeline_config
 from ..data.images import prepare_image
-from ..diffusion.process import objective_family
+from ..diffusion.masked import MaskedDiffusionScheduler
+from ..hub import resolve_pretrained
+from ..models.text_encoders import OpenCLIPTextEncoder
+from ..models.transformer import MMDiTModel
 from ..models.vae import encode_latents, vae_downsample_factor
-from .loading import PipelineLoadError, check_pipeline_folder, load_error
+from .loading import PipelineLoadError, check_model_index, check_pipeline_folder, load_error
 from .schedulers import scheduler_family
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+# the pipeline's own settings, registered in its config (`model_index.json`)
+PIPELINE_SETTINGS = ("objective", "sample_defaults", "caption_phrasing")
+# diffusers' `from_pretrained` arguments that say where a hub id is found
+HUB_ARGUMENTS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+OBJECTIVES = ("gaussian", "flow")
 
 
 class MMDiffPipelineBase(DiffusionPipeline):
     """Components: `transformer` (MMDiTModel), `vae` (AutoencoderKL), `scheduler` (any diffusers image scheduler),
     `text_scheduler` (MaskedDiffusionScheduler), `tokenizer` (caption tokenizer with mask and pad tokens), and
-    optionally a frozen `text_encoder` with its own `text_encoder_tokenizer`."""
+    optionally a frozen `text_encoder` with its own `text_encoder_tokenizer`.
+
+    Settings, registered in the pipeline's own config (`model_index.json`, like diffusers' `requires_safety_checker`),
+    so `from_pretrained`, `save_pretrained` and `Cls.from_pipe(pipe)` carry them:
+        objective: "gaussian" (epsilon / v prediction) or "flow" (flow matching): which schedulers fit the model.
+            Unset, it is read off the scheduler.
+        sample_defaults: the `SampleConfig` fields (num_inference_steps, guidance_scale, caption_steps,
+            caption_guidance_scale) a call takes when it leaves them unset; unset, `SampleConfig`'s defaults.
+        caption_phrasing: the caption policy the captioner was trained with (`data.text_task_phrasings`), so
+            evaluation scores it on references phrased as it was taught.
+    """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder", "text_encoder_tokenizer"]
 
     def __init__(
-        self, transformer, vae, scheduler, text_scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None
+        self,
+        transformer: MMDiTModel,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        text_scheduler: MaskedDiffusionScheduler,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: OpenCLIPTextEncoder | PreTrainedModel | None = None,
+        text_encoder_tokenizer: PreTrainedTokenizerBase | None = None,
+        objective: str | None = None,
+        sample_defaults: dict | None = None,
+        caption_phrasing: str = "all",
     ):
         super().__init__()
         self.register_modules(
@@ -47,51 +81,63 @@ class MMDiffPipelineBase(DiffusionPipeline):
             text_encoder=text_encoder,
             text_encoder_tokenizer=text_encoder_tokenizer,
         )
-        # the objective the model was trained for, read off the scheduler it is built with (a loaded folder: its
-        # saved training config); a scheduler of the other family set later is refused when sampling
-        self.__dict__["_objective_family"] = scheduler_family(scheduler) if scheduler is not None else "gaussian"
+        if objective is None:
+            objective = scheduler_family(scheduler) if scheduler is not None else "gaussian"
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        known = {f.name for f in dataclasses.fields(SampleConfig)}
+        unknown = sorted(set(sample_defaults or {}) - known)
+        if unknown:
+            raise ValueError(f"sample_defaults: unknown setting(s) {unknown}; known: {sorted(known)}")
+        defaults = dataclasses.asdict(SampleConfig(**(sample_defaults or {})))
+        self.register_to_config(objective=objective, sample_defaults=defaults, caption_phrasing=str(caption_phrasing))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load a saved mmdiff folder (either pipeline class loads any of them), safetensors only.
+        """Load a saved mmdiff folder or a hub id (either pipeline class loads any of them), safetensors only.
 
-        Same arguments as diffusers' `DiffusionPipeline.from_pretrained` (`torch_dtype`, components to replace, ...).
-        The folder is checked first (`check_pipeline_folder`); any failure raises `PipelineLoadError` naming the
-        component. Pickled weights are never loaded: `use_safetensors=True` is forced.
+        Same arguments as diffusers' `DiffusionPipeline.from_pretrained` (`torch_dtype`, `revision`, `cache_dir`,
+        `local_files_only`, `token`, components to replace, ...). A hub id is resolved with huggingface_hub (its
+        cache, `HF_HUB_OFFLINE`), pickle weights never downloaded. The folder is checked first
+        (`check_pipeline_folder`); any failure raises `PipelineLoadError` naming the component. Pickled weights are
+        never loaded: `use_safetensors=True` is forced. A folder saved before the pipeline settings were part of
+        `model_index.json` gets them from the training config saved beside it (`mmdiff_config.yaml`).
         """
         if kwargs.get("use_safetensors") is False:
             raise PipelineLoadError("mmdiff pipelines load safetensors only; use_safetensors=False is refused")
         kwargs["use_safetensors"] = True
+        hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
+        folder = resolve_pretrained(pretrained_model_name_or_path, what="pipeline", **hub)
         components = {k: v for k, v in kwargs.items() if k in cls._get_signature_keys(cls)[0]}
-        check_pipeline_folder(pretrained_model_name_or_path, components)
+        check_pipeline_folder(folder, components)
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        if not all(key in index for key in PIPELINE_SETTINGS):
+            saved = pipeline_settings(saved_pipeline_config(folder))
+            kwargs = {**{k: v for k, v in saved.items() if k not in index}, **kwargs}
         try:
-            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipe = super().from_pretrained(folder, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise load_error(pretrained_model_name_or_path, err) from err
-        pipe.sample_config = sample_settings(pretrained_model_name_or_path)
-        trained = (saved_pipeline_config(pretrained_model_name_or_path).get("diffusion") or {}).get("prediction_type")
-        if trained is not None:
-            pipe.objective_family = objective_family(trained)
+            raise load_error(folder, err) from err
         return pipe
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' loaders (ours, and `DiffusionPipeline.from_pretrained(..., custom_pipeline=...)`) hand the whole
+        `model_index.json` here before they load a component: resolve every entry by name first, so that no loader
+        imports a module the folder chose (older diffusers releases import whatever library an entry names)."""
+        check_model_index(config_dict)
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @property
     def objective_family(self) -> str:
         """ "flow" (flow matching) or "gaussian" (epsilon / v): which schedulers fit this model."""
-        return self.__dict__.get("_objective_family", "gaussian")
-
-    @objective_family.setter
-    def objective_family(self, value: str) -> None:
-        self.__dict__["_objective_family"] = value
+        return self.config.objective
 
     @property
     def sample_config(self) -> SampleConfig:
-        """The defaults for arguments a call leaves unset (steps, guidance scales): the folder's saved `sample`
-        settings when loaded from one, else the training config's defaults (`mmdiff.config.SampleConfig`)."""
-        return self.__dict__.get("_sample_config") or SampleConfig()
-
-    @sample_config.setter
-    def sample_config(self, value: SampleConfig) -> None:
-        self.__dict__["_sample_config"] = value
+        """The defaults for arguments a call leaves unset (steps, guidance scales): the pipeline's `sample_defaults`
+        setting (a folder's saved `sample` settings), over `mmdiff.config.SampleConfig`'s defaults."""
+        return SampleConfig(**self.config.sample_defaults)
 
     def default_caption_steps(self, max_length: int | None = None) -> int:
         """Unmasking steps when a call leaves them unset: `sample_config.caption_steps`, at most one per token."""
@@ -101,6 +147,43 @@ class MMDiffPipelineBase(DiffusionPipeline):
         """The given `SampleConfig` fields (num_inference_steps, guidance_scale, caption_steps,
         caption_guidance_scale) with None replaced by this pipeline's defaults, e.g. for a report that records them."""
         return {k: getattr(self.sample_config, k) if v is None else v for k, v in settings.items()}
+
+    # ------------------------------------------------------------------ the callback protocol (diffusers')
+
+    @property
+    def guidance_scale(self) -> float:
+        """w of the running (or last) call; a `callback_on_step_end` may change `pipe._guidance_scale` and the next
+        step uses it (set 1.0 to stop guiding: w = 1 is unguided here, 0 is unconditional)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the unconditional branch runs at the current w (w != 1)."""
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the running (or last) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a callback to skip the remaining steps (diffusers' protocol)."""
+        return self._interrupt
+
+    def run_callback(self, callback, step: int, timestep, tensors: dict[str, torch.Tensor], names) -> dict:
+        """Call `callback_on_step_end(pipe, step, timestep, {name: tensor})` with the tensors it asked for; returns
+        the tensors it hands back (each replaces the pipeline's)."""
+        if callback is None:
+            return {}
+        return callback(self, step, timestep, {k: tensors[k] for k in names}) or {}
+
+    def check_callback_inputs(self, names) -> None:
+        unknown = [name for name in names if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {unknown}"
+            )
 
     # ------------------------------------------------------------------ helpers
 
@@ -126,19 +209,13 @@ class MMDiffPipelineBase(DiffusionPipeline):
         """Captions -> text context, with this pipeline's caption tokenizer and (optional) frozen encoder."""
         return TextConditioner(self.tokenizer, self.text_encoder, self.text_encoder_tokenizer)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text context for text-to-image: (N, S, D) and its key mask (N, S). Empty prompts (also those of pad tokens
-        only) get the null context."""
-        return self.text_conditioner.encode_prompts(self.transformer, prompts, self._execution_device)
-
     def weak_pipeline(self, weak_model) -> MMDiffPipelineBase:
         """Autoguidance's weak model as a pipeline on this one's device and dtype: a pipeline, or a folder (an
         earlier or smaller checkpoint; loaded once per pipeline, not at every call). It must share this model's VAE,
         tokenizer and objective: a ValueError names what differs."""
         if isinstance(weak_model, str | os.PathLike):
             loaded = self.__dict__.setdefault("_weak_folders", {})
-            key = str(Path(weak_model).resolve())
+            key = str(Path(weak_model).resolve()) if Path(weak_model).exists() else str(weak_model)  # or a hub id
             if key not in loaded:
                 pipe = type(self).from_pretrained(weak_model, dtype=self.transformer.dtype)
                 pipe.to(self._execution_device)
@@ -148,7 +225,7 @@ class MMDiffPipelineBase(DiffusionPipeline):
             return loaded[key]
         if not isinstance(weak_model, MMDiffPipelineBase):
             raise TypeError(
-                f"weak_model must be an mmdiff pipeline or a pipeline folder, got {type(weak_model).__name__}"
+                f"weak_model must be an mmdiff pipeline, a pipeline folder or a hub id, got {type(weak_model).__name__}"
             )
         check_weak_model(self, weak_model)
         return weak_model
@@ -281,6 +358,34 @@ def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> tu
             f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {guidance_interval!r}"
         )
     return float(guidance_interval[0]), float(guidance_interval[1])
+
+
+def guidance_spec(
+    guidance_scales: list[float],
+    guidance: str = "cfg",
+    guidance_params: dict | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
+    weak_model=None,
+    stream: str = "image",
+) -> GuidanceSpec:
+    """A call's guidance arguments, checked once, as the one value the guided denoiser takes (see `GuidanceSpec`).
+    Each problem is a ValueError/TypeError naming the argument."""
+    scales = tuple(check_number("guidance_scale", w, 0.0, meaning=" (1 = no guidance)") for w in guidance_scales)
+    if guidance_params is not None and not isinstance(guidance_params, dict):
+        raise TypeError(
+            f"guidance_params must be a dict of the method's arguments, got {type(guidance_params).__name__}"
+        )
+    spec = GuidanceSpec(
+        scales=scales,
+        method=guidance,
+        params=dict(guidance_params or {}),
+        interval=check_guidance_interval(guidance_interval),
+        rescale=check_number("guidance_rescale", guidance_rescale, 0.0, 1.0),
+        weak_model=weak_model,
+    )
+    spec.check_stream(stream)
+    return spec
 
 
 def per_sample_generators(

@@ -42,9 +42,9 @@ def load_pipeline(
     are). `scheduler` swaps the image scheduler by name (`SCHEDULERS`); `compile` torch.compiles the transformer in
     place (same class, config and weights; the first call compiles); `progress` shows the sampling progress bar."""
     if isinstance(model, MMDiffPipelineBase):
-        from .modes import _sibling
+        from .modes import sibling_pipeline
 
-        pipe = _sibling(model, cls)
+        pipe = sibling_pipeline(model, cls)
     elif isinstance(model, str | os.PathLike):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")

@@ -11,14 +11,7 @@ from diffusers.utils import BaseOutput
 from ..conditioning.guided import GuidedDenoiser, WeakBranch
 from ..data.tokenizer import decode_captions, encode_captions
 from ..diffusion.masked import MaskedDiffusionScheduler, check_sampler
-from .common import (
-    ImageInput,
-    MMDiffPipelineBase,
-    check_guidance,
-    check_guidance_interval,
-    check_number,
-    per_sample_generators,
-)
+from .common import ImageInput, MMDiffPipelineBase, check_guidance, check_number, guidance_spec, per_sample_generators
 
 # The text scheduler's mask levels are float32 timesteps: past 2**24 steps, neighbouring levels round to one value.
 MAX_TEXT_STEPS = 2**24
@@ -42,6 +35,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         >>> pipe(image, guidance_scale=2.0).text[0]
     """
 
+    _callback_tensor_inputs = ["token_ids"]
     # False recomputes the context's cross-attention K/V at every step: only `mmdiff bench` sets it, to measure what
     # the cache saves. The output is the same either way.
     cache_context_kv: bool = True
@@ -62,6 +56,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         return_tokens: bool = False,
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["token_ids"],  # noqa: B006 - diffusers' signature; never mutated
         sampler: str | None = None,
         threshold: float | None = None,
         entropy_bound: float | None = None,
@@ -93,8 +88,11 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         generator: one generator, or one per caption; with a list, caption i draws all its randomness from
             generator i, so a batched call returns exactly what per-image calls with the same seeds return.
         return_tokens: also return the token ids and per-token confidences.
-        callback_on_step_end: `fn(pipe, step_index, t, {"token_ids": ids}) -> dict`; a returned "token_ids" replaces
-            the current ids.
+        callback_on_step_end: `fn(pipe, step_index, t, {"token_ids": ids}) -> dict` after every step (diffusers'
+            protocol); a returned "token_ids" replaces the current ids; the callback may set `pipe._guidance_scale`
+            (the next steps use it). A caption is finished only when no position is masked, so `pipe._interrupt` is
+            not read here.
+        callback_on_step_end_tensor_inputs: which of `_callback_tensor_inputs` the callback receives.
         sampler, threshold, entropy_bound, block_length, remask_fraction, remask_window: which positions each step
             unmasks (see `MaskedDiffusionScheduler`): "schedule" (K steps of the linear schedule), "threshold"
             (every position with confidence >= threshold, at least one per caption), "entropy" (by confidence
@@ -124,7 +122,18 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         if guidance_scale is None:
             guidance_scale = self.sample_config.caption_guidance_scale
         num_inference_steps = check_guidance(guidance_scale, num_inference_steps, MAX_TEXT_STEPS)
-        guidance_interval = check_guidance_interval(guidance_interval)
+        unconditional = image is None  # no image: unconditional captions, nothing to guide
+        spec = guidance_spec(
+            [1.0 if unconditional else guidance_scale],
+            "cfg" if unconditional else guidance,
+            None if unconditional else guidance_params,
+            guidance_interval,
+            0.0,
+            None if unconditional else weak_model,
+            stream="text",
+        )
+        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._interrupt = spec.scales[0], False
         scheduler = self._text_scheduler_for(
             sampler=sampler,
             threshold=threshold,
@@ -160,33 +169,20 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         ids, fixed, blanks = self.initial_tokens(prompt, batch, max_length, device)
 
         # 4. the guided denoiser: the image context's K/V once for the call; the unconditional branch is the learned
-        # null image context (no image: unconditional captions, nothing to guide)
+        # null image context (or autoguidance's weak model)
         weak = None
-        if image is not None and (guidance == "autoguidance" or weak_model is not None):
-            if weak_model is None:
-                raise ValueError(
-                    "guidance='autoguidance' needs weak_model (a pipeline or folder of a weaker checkpoint)"
-                )
-            weak_pipe = self.weak_pipeline(weak_model)
+        if spec.weak_model is not None:
+            weak_pipe = self.weak_pipeline(spec.weak_model)
             weak = WeakBranch(weak_pipe.transformer, *weak_pipe.transformer.encode_image(latents))
         denoiser = GuidedDenoiser(
-            self.transformer,
-            context,
-            context_mask,
-            "text",
-            [guidance_scale if image is not None else 1.0],
-            guidance_interval=guidance_interval,
+            self.transformer, context, context_mask, "text", spec, None, weak, num_inference_steps,
             cache_context=self.cache_context_kv,
-            guidance=guidance if image is not None else "cfg",
-            guidance_params=guidance_params if image is not None else None,
-            weak=weak,
-            num_inference_steps=num_inference_steps,
-        )
+        )  # fmt: skip
 
         # 5. unmask
         ids, confidences = self._unmask(
             scheduler, denoiser, ids, fixed, blanks, num_inference_steps, generator, temperature, remasking,
-            callback_on_step_end,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
 
         # 6. the caption ends at its first pad: everything after it is pad too, so ids and text agree. Guided logits
@@ -214,8 +210,9 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         return MaskedDiffusionScheduler.from_config(self.text_scheduler.config, **overrides)
 
     def _unmask(
-        self, scheduler, denoiser, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, scheduler, denoiser, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback,
+        callback_inputs=("token_ids",),
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Unmask until no position is masked. Each step runs the transformer on the captions that still have a
         masked position only (finished ones stop taking forward passes, guided or not). Returns (ids, the
         probability each token had when it was unmasked)."""
@@ -228,8 +225,11 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         else:
             scheduler.set_timesteps(num_steps, device=ids.device, length=ids.shape[1])
             levels = list(scheduler.timesteps)
+        self._num_timesteps, taken = len(levels), 0
         with self.progress_bar(total=len(levels)) as progress:
             for i, level in enumerate(levels):
+                if self._guidance_scale != denoiser.scales[0]:  # a step callback changed w
+                    denoiser.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 active = (ids == mask_id).any(1)
                 if not active.any():
                     if adaptive:
@@ -260,10 +260,14 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                     confidences[rows] = torch.where(newly, step_conf, confidences[rows])
                     ids = ids.clone()
                     ids[rows] = prev
-                if callback is not None:
-                    out = callback(self, i, level if level is not None else t, {"token_ids": ids})
-                    ids = (out or {}).get("token_ids", ids)
+                taken += 1
+                out = self.run_callback(
+                    callback, i, level if level is not None else t, {"token_ids": ids}, callback_inputs
+                )
+                ids = out.get("token_ids", ids)
                 progress.update()
+        if adaptive:  # as many steps as the captions needed
+            self._num_timesteps = taken
         self._num_forward_rows = denoiser.num_forward_rows
         return ids, confidences
 

@@ -3,6 +3,12 @@
 diffusers alone loads a transformer whose config has one block more than its weights with a warning and random
 weights, reports a truncated file without saying which component it belongs to, and would fall back to pickled
 `.bin` weights. `check_pipeline_folder` runs before diffusers and turns each of these into a `PipelineLoadError`.
+
+A folder never chooses the code that loads it: diffusers imports whatever module a model_index.json entry
+[library, class_name] names (a downloaded folder naming its own `payload.py` would run it). Every entry is resolved
+here by name first, against diffusers' and transformers' own classes and a fixed table of mmdiff's, and anything else
+is refused before anything is imported; community code goes through diffusers' `custom_pipeline` with
+`trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,100 @@ class PipelineLoadError(ValueError):
     """A pipeline folder that cannot be loaded; the message names the component and the problem."""
 
 
-def _component_class(library: str, class_name: str):
-    """The class recorded in model_index.json, or None when its library cannot be imported here."""
+# the pipeline classes a saved mmdiff folder names as `_class_name` (mmdiff/pipelines/text_to_image.py and
+# image_to_text.py; tests/test_untrusted_folders.py checks that the names match)
+PIPELINE_CLASS_NAMES = ("MMDiffTextToImagePipeline", "MMDiffImageToTextPipeline")
+# mmdiff's own component classes, by the [library, class_name] that save_pretrained records for them: their module
+# path, and the package front door (`mmdiff/__init__.py`) that re-exports some of them
+OWN_COMPONENTS = {
+    ("mmdiff.models.transformer", "MMDiTModel"),
+    ("mmdiff.diffusion.masked", "MaskedDiffusionScheduler"),
+    ("mmdiff.models.text_encoders", "OpenCLIPTextEncoder"),
+    ("mmdiff", "MMDiTModel"),
+    ("mmdiff", "MaskedDiffusionScheduler"),
+}
+REFUSED = (
+    "a folder cannot choose the code that loads it: mmdiff loads diffusers' and transformers' model, scheduler and "
+    "tokenizer classes and its own {own}; community code goes through diffusers' custom_pipeline with "
+    "trust_remote_code=True"
+)
+
+
+def _refuse(what: str) -> PipelineLoadError:
+    own = ", ".join(sorted({name for _, name in OWN_COMPONENTS}))
+    return PipelineLoadError(f"{what}; {REFUSED.format(own=own)}")
+
+
+def _library_class(library: str, class_name: str):
+    """`class_name` looked up as an attribute of diffusers or transformers (their own lazy imports only), if it is a
+    class of a kind a pipeline component may be; None otherwise."""
+    if library == "diffusers":
+        import diffusers
+        from diffusers import ModelMixin, SchedulerMixin
+
+        package, kinds = diffusers, (ModelMixin, SchedulerMixin)
+    else:
+        import transformers
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+        package, kinds = transformers, (PreTrainedModel, PreTrainedTokenizerBase)
+        class_name = _remap_transformers_class(class_name)
     try:
-        return getattr(importlib.import_module(library), class_name, None)
-    except ImportError:
+        found = getattr(package, class_name, None)
+    except Exception:  # a lazy attribute whose optional backend is missing
         return None
+    return found if isinstance(found, type) and issubclass(found, kinds) else None
+
+
+def _remap_transformers_class(class_name: str) -> str:
+    """The name diffusers itself loads for a transformers class renamed in transformers 5 (CLIPTokenizerFast, ...)."""
+    try:
+        from diffusers.utils import _maybe_remap_transformers_class
+    except ImportError:  # a diffusers release without the remapping
+        return class_name
+    return _maybe_remap_transformers_class(class_name) or class_name
+
+
+def component_class(name: str, entry) -> type | None:
+    """The class a model_index.json entry `[library, class_name]` names, resolved by name, so that a folder never
+    makes anything import a module it chose; None for an absent optional component ([null, null]).
+
+    Allowed: a diffusers model or scheduler class and a transformers model or tokenizer class (attributes of the
+    top-level package), and mmdiff's own `OWN_COMPONENTS`. Anything else is a `PipelineLoadError` naming the entry.
+    """
+    if not (isinstance(entry, list | tuple) and len(entry) == 2):
+        raise PipelineLoadError(f"component {name!r}: model_index.json entry {entry!r} is not [library, class_name]")
+    library, class_name = entry
+    if library is None:
+        return None
+    shown = f"component {name!r}: model_index.json names {[library, class_name]}"
+    if not (isinstance(library, str) and isinstance(class_name, str)) or class_name.startswith("_"):
+        raise _refuse(shown)
+    if (library, class_name) in OWN_COMPONENTS:
+        return getattr(importlib.import_module(library), class_name)  # a module of this table, not of the folder
+    found = _library_class(library, class_name) if library in ("diffusers", "transformers") else None
+    if found is None:
+        raise _refuse(shown)
+    return found
+
+
+def check_model_index(index: dict) -> dict[str, type]:
+    """Resolve every component entry of a model_index.json (`component_class`) and check that `_class_name`, when
+    present, is one of mmdiff's pipeline classes; returns {component: class} of the present components.
+
+    Nothing the index names is imported: run it before handing a folder to diffusers, which imports the library of
+    every entry (and, for a `_class_name` list [module, class], runs that module from the folder)."""
+    pipeline_class = index.get("_class_name")
+    if pipeline_class is not None and pipeline_class not in PIPELINE_CLASS_NAMES:
+        raise _refuse(f"model_index.json names the pipeline class {pipeline_class!r}, which is not mmdiff's")
+    classes = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list | tuple):
+            continue
+        found = component_class(name, entry)
+        if found is not None:
+            classes[name] = found
+    return classes
 
 
 def _safetensors_shapes(name: str, folder: Path) -> dict[str, tuple[int, ...]]:
@@ -86,9 +180,11 @@ def _check_model_weights(name: str, folder: Path, model_class) -> None:
 def check_pipeline_folder(path: str | os.PathLike, components: dict[str, object] | None = None) -> None:
     """Validate a saved pipeline folder before diffusers loads it.
 
-    Checks model_index.json, that every listed component has its folder, that weights are safetensors (pickles are
+    Checks model_index.json (every component class resolved by name, `check_model_index`, before anything is
+    imported), that every listed component has its folder, that weights are safetensors (pickles are
     refused), readable (not truncated), and that each diffusers model's config matches its weights key for key and
-    shape for shape. Components passed in `components` (already built by the caller) are skipped.
+    shape for shape. Components passed in `components` (already built by the caller) skip the file checks; their
+    entries are still resolved by name, as diffusers imports their library all the same.
     """
     from diffusers import ModelMixin
 
@@ -102,18 +198,18 @@ def check_pipeline_folder(path: str | os.PathLike, components: dict[str, object]
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as err:
         raise PipelineLoadError(f"{index_path} is not valid JSON: {err}") from err
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
-            continue
+    if not isinstance(index, dict):
+        raise PipelineLoadError(f"{index_path} is not a JSON object of components")
+    classes = check_model_index(index)  # before anything else: nothing the folder names is imported unchecked
+    for name, model_class in classes.items():
         if components and name in components:
             continue
         folder = root / name
         if not folder.is_dir():
             raise PipelineLoadError(
-                f"component {name!r} ({entry[1]}) is listed in model_index.json but {folder} is missing"
+                f"component {name!r} ({index[name][1]}) is listed in model_index.json but {folder} is missing"
             )
-        model_class = _component_class(*entry)
-        if isinstance(model_class, type) and issubclass(model_class, ModelMixin):
+        if issubclass(model_class, ModelMixin):
             _check_model_weights(name, folder, model_class)
         elif any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()) or any(folder.glob("*.safetensors")):
             _safetensors_shapes(name, folder)  # other weighted components (a frozen text encoder): files only

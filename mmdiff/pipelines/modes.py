@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
-from .common import ImageInput, MMDiffPipelineBase
+from .common import PIPELINE_SETTINGS, ImageInput, MMDiffPipelineBase
 from .image_to_text import CaptionPipelineOutput, MMDiffImageToTextPipeline
 from .text_to_image import MMDiffTextToImagePipeline
 
@@ -31,23 +31,22 @@ class ImageCaptionOutput(BaseOutput):
 
 def as_text_to_image(pipe: MMDiffPipelineBase) -> MMDiffTextToImagePipeline:
     """The text-to-image pipeline over `pipe`'s components (the same modules, device and progress-bar settings)."""
-    return _sibling(pipe, MMDiffTextToImagePipeline)
+    return sibling_pipeline(pipe, MMDiffTextToImagePipeline)
 
 
 def as_image_to_text(pipe: MMDiffPipelineBase) -> MMDiffImageToTextPipeline:
     """The image-to-text pipeline over `pipe`'s components (the same modules, device and progress-bar settings)."""
-    return _sibling(pipe, MMDiffImageToTextPipeline)
+    return sibling_pipeline(pipe, MMDiffImageToTextPipeline)
 
 
-def _sibling(pipe: MMDiffPipelineBase, cls: type) -> Any:
+def sibling_pipeline(pipe: MMDiffPipelineBase, cls: type) -> Any:
     if isinstance(pipe, cls):
         return pipe
     if not isinstance(pipe, MMDiffPipelineBase):
         raise TypeError(f"expected an mmdiff pipeline, got {type(pipe).__name__}")
-    sibling = cls(**pipe.components)
+    # the same modules and settings (what diffusers' `cls.from_pipe(pipe)` does, without its per-version type checks)
+    sibling = cls(**pipe.components, **{key: pipe.config[key] for key in PIPELINE_SETTINGS})
     sibling._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    sibling.sample_config = pipe.sample_config
-    sibling.objective_family = pipe.objective_family
     return sibling
 
 

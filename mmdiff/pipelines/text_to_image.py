@@ -14,16 +14,11 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..conditioning.guided import GuidedDenoiser, WeakBranch
+from ..conditioning.guided import GuidanceSpec, GuidedDenoiser, WeakBranch
 from ..diffusion.gaussian import timestep_to_t
+from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
-from .common import (
-    MMDiffPipelineBase,
-    check_guidance,
-    check_guidance_interval,
-    check_number,
-    per_sample_generators,
-)
+from .common import MMDiffPipelineBase, check_guidance, check_number, guidance_spec, per_sample_generators
 from .schedulers import check_scheduler_fits
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -31,7 +26,6 @@ NON_FINITE = (
     "sampling produced NaN or inf values (a very large guidance_scale, or float16, overflows); "
     "use a smaller guidance_scale or float32"
 )
-CALLBACK_TENSORS = ("latents",)
 
 
 @dataclass
@@ -57,6 +51,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         >>> image = pipe("a small red circle above a large blue square", guidance_scale=3.0).images[0]
     """
 
+    _callback_tensor_inputs = ["latents"]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -71,6 +67,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -90,9 +90,16 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         generator: one generator, or a list with one per image (prompts x num_images_per_prompt) so each image is
             reproducible on its own.
         latents: (N, C, h, w) initial noise instead of drawing it.
+        prompt_embeds, prompt_attention_mask: the text encoder's output for B prompts instead of `prompt` (what
+            `encode_prompt` returns: a frozen encoder's hidden states (B, S, E), or the joint encoder's context
+            (B, S, D)) and its (B, S) mask, 1 on real tokens; a row whose mask is all 0 is unconditional (the
+            learned null context). negative_prompt_embeds, negative_prompt_attention_mask: the same for
+            `negative_prompt`.
         output_type: "pil", "np" (N, H, W, 3) in [0, 1], "pt" (N, 3, H, W) in [0, 1] or "latent".
-        callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": ...}) -> dict`; a returned "latents" replaces
-            the current latents.
+        callback_on_step_end: `fn(pipe, step_index, timestep, {"latents": ...}) -> dict` after every step (diffusers'
+            protocol); a returned "latents" replaces the current latents; the callback may set
+            `pipe._guidance_scale` (the next steps use it; 1.0 stops guiding) or `pipe._interrupt = True` (the
+            remaining steps are skipped).
         guidance: the guidance method, "cfg" (default), "apg", "cfg_zero_star", "tcfg" (diffusers' guiders; their
             `guidance_scale` is w, same convention) or "autoguidance" (the unconditional branch is `weak_model`'s
             conditional prediction: a pipeline or folder of an earlier or smaller checkpoint sharing VAE, tokenizer
@@ -100,24 +107,25 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         """
         if guidance_scale is None:
             guidance_scale = self.sample_config.guidance_scale
+        spec = guidance_spec(
+            [guidance_scale], guidance, guidance_params, guidance_interval, guidance_rescale, weak_model
+        )
+        self._guidance_scale, self._interrupt = spec.scales[0], False
+        self.check_callback_inputs(callback_on_step_end_tensor_inputs)
         latents = self._sample(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            guidance_scales=[guidance_scale],
+            spec=spec,
             num_inference_steps=num_inference_steps,
-            guidance_interval=guidance_interval,
-            guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt,
             height=height,
             width=width,
             generator=generator,
             latents=latents,
             output_type=output_type,
+            embeds=(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            guidance=guidance,
-            guidance_params=guidance_params,
-            weak_model=weak_model,
         )[1]
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
@@ -159,22 +167,19 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         scales = [check_number("guidance_scales", w, 0.0, meaning=" (1 = no guidance)") for w in guidance_scales]
         if not scales:
             raise ValueError("guidance_scales must be a non-empty list of numbers, e.g. [1.0, 2.0, 4.0]")
+        spec = guidance_spec(scales, guidance, guidance_params, guidance_interval, guidance_rescale, weak_model)
+        self._guidance_scale, self._interrupt = spec.scales[0], False
         prompts, latents = self._sample(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            guidance_scales=scales,
+            spec=spec,
             num_inference_steps=num_inference_steps,
-            guidance_interval=guidance_interval,
-            guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt,
             height=height,
             width=width,
             generator=generator,
             latents=latents,
             output_type=output_type,
-            guidance=guidance,
-            guidance_params=guidance_params,
-            weak_model=weak_model,
         )
         groups = latents.chunk(len(scales))
         images = [self._postprocess(group, output_type) for group in groups]
@@ -185,19 +190,15 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
 
     def check_inputs(
         self,
-        guidance_scales: list[float],
+        spec: GuidanceSpec,
         num_inference_steps: int,
-        guidance_rescale: float,
         num_images_per_prompt: int,
         height: int,
         width: int,
         output_type: str,
-        tensor_inputs: Sequence[str],
     ) -> None:
         """Every argument error is a ValueError naming the argument and what it accepts."""
-        for w in guidance_scales:
-            check_guidance(w, num_inference_steps, self.scheduler.config.num_train_timesteps)
-        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_guidance(spec.scales[0], num_inference_steps, self.scheduler.config.num_train_timesteps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
@@ -212,88 +213,158 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     f"(VAE downsampling {vae_downsample_factor(self.vae)} x patch size "
                     f"{self.transformer.config.patch_size})"
                 )
-        unknown = [name for name in tensor_inputs if name not in CALLBACK_TENSORS]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {CALLBACK_TENSORS}, got {unknown}")
+
+    # ------------------------------------------------------------------ the prompt
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The text encoder's output for the prompts (and the negative prompts), as `__call__` takes it back through
+        `prompt_embeds=...` (diffusers' contract).
+
+        With a frozen text encoder (`text_encoder`) these are its hidden states (N, S, E), and the transformer is not
+        needed; with the jointly trained encoder, which is part of the transformer, the context (N, S, D) it makes.
+        N = prompts x `num_images_per_prompt`. Masks are (N, S) bool; the mask of an empty prompt is all False, which
+        the pipeline turns into the learned null context. Without a negative prompt the unconditional branch is the
+        learned null context, so `negative_prompt_embeds` is None (also without guidance). Given embeddings are
+        passed through, repeated `num_images_per_prompt` times.
+
+        Returns prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask.
+        """
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            prompts = as_prompt_list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompts, device)
+        else:
+            prompts = None
+            prompt_embeds, prompt_attention_mask = check_embeds("prompt_embeds", prompt_embeds, prompt_attention_mask)
+        if do_classifier_free_guidance and negative_prompt_embeds is None and negative_prompt is not None:
+            negatives = as_prompt_list(negative_prompt, prompt_embeds.shape[0], "negative_prompt")
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negatives, device)
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = check_embeds(
+                "negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask
+            )
+            if negative_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+                raise ValueError(
+                    f"negative_prompt_embeds has {negative_prompt_embeds.shape[0]} rows for "
+                    f"{prompt_embeds.shape[0]} prompts"
+                )
+        del prompts
+        prompt_embeds, prompt_attention_mask = repeat_rows(prompt_embeds, prompt_attention_mask, num_images_per_prompt)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = repeat_rows(
+                negative_prompt_embeds, negative_prompt_attention_mask, num_images_per_prompt
+            )
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
+
+    def _encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> the text encoder's output and mask; an empty prompt's mask is all False."""
+        conditioner = self.text_conditioner
+        if conditioner.frozen:
+            embeds, mask = conditioner.frozen_hidden(prompts, device)
+        elif self.transformer is None:
+            raise ValueError(
+                "this model's text encoder is the jointly trained one inside its transformer: encode_prompt needs the "
+                "transformer (only a frozen text_encoder encodes prompts on its own)"
+            )
+        else:
+            embeds, mask = conditioner.joint_context(self.transformer, prompts, device)
+        empty = torch.tensor([not p.strip() for p in prompts], device=mask.device)
+        return embeds, mask.bool() & ~empty[:, None]
+
+    def text_context(
+        self, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_prompt`'s output -> the context the transformer cross-attends to, (N, S', D) and its key mask:
+        a frozen encoder's hidden states through the transformer's projection; rows with no real token (empty
+        prompts, also those of pad tokens only) get the learned null context (attention over no key is NaN)."""
+        model = self.transformer
+        embeds = prompt_embeds.to(device=self._execution_device, dtype=model.dtype)
+        mask = prompt_attention_mask.to(self._execution_device).bool()
+        if model.config.external_text_dim is not None:
+            context, mask = model.encode_external_text(embeds, mask)
+        else:
+            context, mask = trim_padding(embeds, mask)
+        empty = ~mask.any(1)
+        if empty.any():
+            context, mask = model.drop_context(context, mask, empty, "text")
+        return context, mask
+
+    # ------------------------------------------------------------------ the denoising loop
 
     def _sample(
         self,
         *,
         prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None,
-        guidance_scales: list[float],
+        spec: GuidanceSpec,
         num_inference_steps: int | None,
-        guidance_interval: tuple[float, float] | None,
-        guidance_rescale: float,
         num_images_per_prompt: int,
         height: int | None,
         width: int | None,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         output_type: str,
+        embeds: tuple = (None, None, None, None),
         callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = CALLBACK_TENSORS,
-        guidance: str = "cfg",
-        guidance_params: dict | None = None,
-        weak_model=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> tuple[list[str], torch.Tensor]:
-        """Denoise S = len(guidance_scales) groups of N images in one loop.
+        """Denoise S = len(spec.scales) groups of N images in one loop.
 
-        Returns the N expanded prompts and the final latents (S*N, C, h, w), group s holding scale s.
+        Returns the N expanded prompts ("" for rows given as embeddings) and the final latents (S*N, C, h, w), group s
+        holding scale s.
         """
         # 1. check inputs
         if num_inference_steps is None:
             num_inference_steps = self.sample_config.num_inference_steps
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
-        self.check_inputs(
-            guidance_scales,
-            num_inference_steps,
-            guidance_rescale,
-            num_images_per_prompt,
-            height,
-            width,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
-        guidance_interval = check_guidance_interval(guidance_interval)
+        self.check_inputs(spec, num_inference_steps, num_images_per_prompt, height, width, output_type)
         num_inference_steps = int(num_inference_steps)
         device = self._execution_device
-        prompts = [p for p in as_prompt_list(prompt) for _ in range(num_images_per_prompt)]
-        n, s = len(prompts), len(guidance_scales)
-        generator = per_sample_generators(generator, n)
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = embeds
+        if prompt_embeds is not None and prompt is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if negative_embeds is not None and negative_prompt is not None:
+            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
 
         # 2. encode the prompt and the unconditional branch once; the guided denoiser caches their cross-attention
         # K/V for the call. Without a negative prompt the unconditional rows use the learned null context.
-        context, context_mask = self.encode_prompt(prompts)
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt, True, negative_prompt, num_images_per_prompt, device, prompt_embeds, negative_embeds, prompt_mask,
+            negative_mask,
+        )  # fmt: skip
+        context, context_mask = self.text_context(prompt_embeds, prompt_mask)
+        n, s = context.shape[0], len(spec.scales)
+        prompts = (
+            [p for p in as_prompt_list(prompt) for _ in range(num_images_per_prompt)] if embeds[0] is None else [""] * n
+        )
+        generator = per_sample_generators(generator, n)
         negative = None
-        if any(w != 1.0 for w in guidance_scales) and negative_prompt is not None:
-            negatives = as_prompt_list(negative_prompt, n // num_images_per_prompt, "negative_prompt")
-            uncond, uncond_mask = self.encode_prompt([p for p in negatives for _ in range(num_images_per_prompt)])
+        if negative_embeds is not None:
+            uncond, uncond_mask = self.text_context(negative_embeds, negative_mask)
             length = max(context.shape[1], uncond.shape[1])
             context, context_mask = pad_context(context, context_mask, length)
             negative = pad_context(uncond, uncond_mask, length)
         weak = None
-        if guidance == "autoguidance" or weak_model is not None:
-            if weak_model is None:
-                raise ValueError(
-                    "guidance='autoguidance' needs weak_model (a pipeline or folder of a weaker checkpoint)"
-                )
-            weak_pipe = self.weak_pipeline(weak_model)
-            weak = WeakBranch(weak_pipe.transformer, *weak_pipe.encode_prompt(prompts))
+        if spec.weak_model is not None:
+            if embeds[0] is not None:
+                raise ValueError("autoguidance encodes the prompt with the weak model's own encoder: pass prompt")
+            weak_pipe = self.weak_pipeline(spec.weak_model)
+            weak = WeakBranch(weak_pipe.transformer, *weak_pipe.text_context(*weak_pipe.encode_prompt(prompts)[:2]))
         denoiser = GuidedDenoiser(
-            self.transformer,
-            context,
-            context_mask,
-            "image",
-            guidance_scales,
-            negative=negative,
-            guidance_interval=guidance_interval,
-            guidance_rescale=guidance_rescale,
-            guidance=guidance,
-            guidance_params=guidance_params,
-            weak=weak,
-            num_inference_steps=num_inference_steps,
+            self.transformer, context, context_mask, "image", spec, negative, weak, num_inference_steps
         )
 
         # 3. prepare latents: one draw of N, shared by every group of the sweep
@@ -312,19 +383,22 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
         num_train = self.scheduler.config.num_train_timesteps
         step_kwargs = self._step_kwargs(generator * s if isinstance(generator, list) else generator)
+        self._num_timesteps = len(self.scheduler.timesteps)
 
         # 4. denoise
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for i, timestep in enumerate(self.scheduler.timesteps):
+                if self.interrupt:
+                    continue
+                if s == 1 and self._guidance_scale != denoiser.scales[0]:  # a step callback changed w
+                    denoiser.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 t = timestep_to_t(timestep, num_train).to(device)
                 guided = denoiser(self._scale_model_input(latents, timestep), t)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents}
-                    out = callback_on_step_end(
-                        self, i, timestep, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    )
-                    latents = (out or {}).get("latents", latents)
+                out = self.run_callback(
+                    callback_on_step_end, i, timestep, {"latents": latents}, callback_on_step_end_tensor_inputs
+                )
+                latents = out.get("latents", latents)
                 progress.update()
         self._num_forward_rows = denoiser.num_forward_rows
         return prompts, latents
@@ -366,6 +440,28 @@ def as_prompt_list(prompt: str | list[str] | None, batch: int | None = None, nam
     if batch is not None and len(prompt) != batch:
         raise ValueError(f"{name} has {len(prompt)} entries for {batch} prompts")
     return list(prompt)
+
+
+def check_embeds(name: str, embeds: object, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given text-encoder outputs: a finite float (B, S, E) tensor and a (B, S) mask (all ones when not given)."""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.ndim != 3:
+        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"{name} must be a float tensor (batch, tokens, width), got {shape}")
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{name} must be finite: it holds NaN or inf")
+    if mask is None:
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"the attention mask of {name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
+    return embeds, mask.bool()
+
+
+def repeat_rows(embeds: torch.Tensor, mask: torch.Tensor, times: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row `times` times in a row (prompt i's images are rows i*times..(i+1)*times-1)."""
+    if times == 1:
+        return embeds, mask
+    return embeds.repeat_interleave(times, dim=0), mask.repeat_interleave(times, dim=0)
 
 
 def pad_context(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

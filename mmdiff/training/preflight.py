@@ -1,4 +1,5 @@
-"""Checks run when training starts, before anything is written: the configured inputs exist.
+"""Checks run when training starts, before anything is written: the configured inputs exist (a pretrained model
+named by a hub id is fetched here).
 
 They are not part of :func:`mmdiff.config.load_config`: sampling commands load the training config of a checkpoint
 on machines where its data is absent. (The data options' values are checked by `load_config` itself.)
@@ -6,13 +7,12 @@ on machines where its data is absent. (The data options' values are checked by `
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..config import Config, ConfigError
 from ..data.captions import CaptionPolicy
 from ..data.latents import read_latents_meta
 from ..data.policies import caption_policy
 from ..data.shards import expand_urls
+from ..hub import HubResolveError, resolve_pretrained
 
 
 def preflight(cfg: Config) -> CaptionPolicy:
@@ -27,7 +27,7 @@ def check_paths(cfg: Config) -> None:
     """Fail at start, naming the key, when a configured input does not exist (not later, deep in a worker).
 
     Checks the train/val/latent shard specs (a missing folder, an empty folder, a glob or brace pattern matching
-    nothing), the latent shards' meta file, and every configured local model folder.
+    nothing), the latent shards' meta file, and every configured pretrained model (`check_pretrained`).
     """
     shard_specs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("train_shards", "val_shards", "latent_shards")]
     for key, spec in shard_specs:
@@ -44,10 +44,23 @@ def check_paths(cfg: Config) -> None:
             read_latents_meta(cfg.data.latent_shards)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.latent_shards={cfg.data.latent_shards!r}: {err}") from None
-    for key, path in (
-        ("vae.pretrained_path", cfg.vae.pretrained_path),
-        ("tokenizer.path", cfg.tokenizer.path),
-        ("text_encoder.path", cfg.text_encoder.path),
+    check_pretrained(cfg)
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Every configured pretrained component (a folder, or a hub id fetched into the Hugging Face cache now, at its
+    `revision`) is there: a ConfigError naming the key otherwise, on one line."""
+    for key, section in (
+        ("vae.pretrained_path", cfg.vae),
+        ("tokenizer.path", cfg.tokenizer),
+        ("text_encoder.path", cfg.text_encoder),
     ):
-        if path and not Path(path).exists():
-            raise ConfigError(f"{key}={path!r} does not exist")
+        name = getattr(section, key.split(".")[1])
+        if not name:
+            continue
+        try:
+            path = resolve_pretrained(name, revision=section.revision, what=key)
+        except HubResolveError as err:
+            raise ConfigError(str(err)) from None
+        if not path.exists():
+            raise ConfigError(f"{key}={name!r} does not exist (give a folder or a hub id org/name)")

@@ -15,6 +15,8 @@ from ..config import Config, ModelConfig
 from ..data.dataset import make_dataloader
 from ..data.shards import expand_urls, read_captions
 from ..data.tokenizer import build_tokenizer, load_tokenizer
+from ..hub import resolve_pretrained
+from ..models.text_encoders import load_frozen_text_encoder
 from ..models.transformer import MMDiTModel
 from ..models.vae import load_vae, tiny_vae, vae_downsample_factor
 from .checkpoint import atomic_dir
@@ -27,7 +29,9 @@ def prepare_tokenizer(cfg: Config, out: Path, accelerator: Accelerator):
     if not folder.is_dir():
         if accelerator.is_main_process:
             captions = read_captions(expand_urls(cfg.data.train_shards)) if cfg.tokenizer.kind == "word" else None
-            tokenizer = build_tokenizer(cfg.tokenizer.kind, captions=captions, path=cfg.tokenizer.path)
+            tokenizer = build_tokenizer(
+                cfg.tokenizer.kind, captions=captions, path=cfg.tokenizer.path, revision=cfg.tokenizer.revision
+            )
             with atomic_dir(folder) as tmp:
                 tokenizer.save_pretrained(tmp)
         accelerator.wait_for_everyone()
@@ -35,9 +39,12 @@ def prepare_tokenizer(cfg: Config, out: Path, accelerator: Accelerator):
 
 
 def prepare_vae(cfg: Config, out: Path, tokenizer, accelerator: Accelerator):
-    """The configured pretrained VAE, or the tiny VAE in `out/vae`, trained on the main process on first use."""
+    """The configured pretrained VAE (a folder or a hub id), or the tiny VAE in `out/vae`, trained on the main
+    process on first use."""
     if cfg.vae.pretrained_path:
-        return load_vae(cfg.vae.pretrained_path)
+        return load_vae(
+            resolve_pretrained(cfg.vae.pretrained_path, revision=cfg.vae.revision, what="vae.pretrained_path")
+        )
     folder = out / "vae"
     if not folder.is_dir():
         if accelerator.is_main_process:
@@ -65,6 +72,16 @@ def prepare_vae(cfg: Config, out: Path, tokenizer, accelerator: Accelerator):
             print(f"VAE trained: {json.dumps(stats)}")
         accelerator.wait_for_everyone()
     return load_vae(folder)
+
+
+def load_text_encoder(cfg: Config, device) -> tuple:
+    """The configured frozen text encoder and its tokenizer on `device` (`text_encoder.path`: a folder or a hub id at
+    `text_encoder.revision`), or (None, None) for the joint encoder."""
+    if cfg.text_encoder.kind == "joint":
+        return None, None
+    folder = resolve_pretrained(cfg.text_encoder.path, revision=cfg.text_encoder.revision, what="text_encoder.path")
+    encoder, tokenizer = load_frozen_text_encoder(cfg.text_encoder.kind, folder)
+    return encoder.to(device), tokenizer
 
 
 def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> MMDiTModel:
@@ -113,10 +130,14 @@ def transformer_from_config(
     )
 
 
-def build_pipeline(transformer, vae, scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None):
+def build_pipeline(
+    transformer, vae, scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None, training_config=None
+):
     """The sampling pipeline for a trained model. `scheduler`: the sampling scheduler (the image process's
     `sampling_scheduler()`: DDIM with trailing timesteps for Gaussian models, flow Euler for flow models), or the
-    training `DDPMScheduler`, which gives DDIM; swap it the diffusers way."""
+    training `DDPMScheduler`, which gives DDIM; swap it the diffusers way. `training_config` (a `Config`) gives the
+    pipeline its settings (objective, sampling defaults, caption phrasing: `mmdiff.config.pipeline_settings`)."""
+    from ..config import pipeline_settings
     from ..diffusion.masked import MaskedDiffusionScheduler
     from ..diffusion.process import as_image_process
     from ..pipelines.text_to_image import MMDiffTextToImagePipeline
@@ -129,6 +150,7 @@ def build_pipeline(transformer, vae, scheduler, tokenizer, text_encoder=None, te
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         text_encoder_tokenizer=text_encoder_tokenizer,
+        **(pipeline_settings(training_config) if training_config is not None else {}),
     )
 
 

@@ -28,10 +28,7 @@ from ..data.latents import check_latents_match, latents_from_batch, read_latents
 from ..data.policies import caption_policy
 from ..diffusion.process import make_image_process
 from ..models.attention import set_attention_backend
-from ..models.text_encoders import (
-    frozen_encoder_dim,
-    load_frozen_text_encoder,
-)
+from ..models.text_encoders import frozen_encoder_dim
 from ..models.vae import encode_latents
 from .checkpoint import (
     atomic_dir,
@@ -52,7 +49,7 @@ from .resume import (
     total_skips,
     trim_metrics,
 )
-from .stages import build_model, build_pipeline, prepare_tokenizer, prepare_vae
+from .stages import build_model, build_pipeline, load_text_encoder, prepare_tokenizer, prepare_vae
 from .state import TrainerHooks, TrainState, restore_skip_counts
 
 __all__ = [
@@ -167,12 +164,7 @@ class Trainer:
             self.latent_shape = check_latents_match(
                 meta, vae, cfg.data.image_size, cfg.vae.pretrained_path or str(out / "vae")
             )
-        self.text_encoder = self.encoder_tokenizer = None
-        if cfg.text_encoder.kind != "joint":
-            self.text_encoder, self.encoder_tokenizer = load_frozen_text_encoder(
-                cfg.text_encoder.kind, cfg.text_encoder.path
-            )
-            self.text_encoder.to(accelerator.device)
+        self.text_encoder, self.encoder_tokenizer = load_text_encoder(cfg, accelerator.device)
         set_seed(cfg.train.seed)  # the VAE stage ran only on the main process: re-align the RNG before model init
         frozen_dim = frozen_encoder_dim(self.text_encoder) if self.text_encoder is not None else None
         self.model = model = build_model(cfg, tokenizer, vae, frozen_dim)
@@ -293,6 +285,7 @@ class Trainer:
             self.tokenizer,
             self.text_encoder,
             self.encoder_tokenizer,
+            training_config=self.cfg,
         )
 
     def losses(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
