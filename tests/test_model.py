@@ -8,9 +8,18 @@ import pytest
 import torch
 from conftest import close_at_scale, make_model, relative_error
 
+from mmdiff.conditioning.prepared import prepare_context
 from mmdiff.models.blocks import AbsorbedContext
-from mmdiff.models.transformer import CFGRows, MMDiTModel, select_context_rows
+from mmdiff.models.transformer import MMDiTModel, select_context_rows
 from mmdiff.training.losses import drop_ids
+
+
+def fast(model, sample, t, mask=None, **prepared):
+    """The forward on a context the conditioning layer prepared (a cache, null rows, repeated rows): `prepared` are
+    `prepare_context`'s arguments (`ctx` for its `context`)."""
+    if "ctx" in prepared:
+        prepared["context"] = prepared.pop("ctx")
+    return model(sample, t, prepared=prepare_context(model, sample, mask, **prepared))
 
 
 def test_forward_shapes_for_both_tasks(model, tokenizer):
@@ -86,7 +95,7 @@ def test_precomputed_context_kv_equals_recomputing(model):
     ctx, mask = model.encode_image(torch.randn(2, 4, 8, 8))
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     kv = model.context_kv(ctx)
-    assert torch.equal(model(ids, 0.4, ctx, mask), model(ids, 0.4, context_mask=mask, context_kv=kv))
+    assert torch.equal(model(ids, 0.4, ctx, mask), fast(model, ids, 0.4, mask, kv=kv))
 
 
 def test_save_load_identical_outputs(tmp_path, tokenizer):
@@ -149,18 +158,17 @@ def test_null_rows_equal_attending_to_the_null_context(tokenizer, null_length):
     ):
         null, null_mask = model.null_context(kind, 2, ctx.shape[1])
         explicit = model(sample, t, torch.cat([null, ctx]), torch.cat([null_mask, mask]))
-        assert close_at_scale(model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2)), explicit)
+        assert close_at_scale(fast(model, sample, t, mask, ctx=ctx, null_rows=2), explicit)
         precomputed = model.null_outputs(kind)  # once per sampling call: a constant or the null K/V per block
         per_block_shape = (1, 32) if null_length == 1 else (2, 1, 2, null_length, 16)
         assert len(precomputed) == 2 and all(tuple(p.shape) == per_block_shape for p in precomputed)
-        fast = model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2, null_outputs=precomputed))
-        assert close_at_scale(fast, explicit)
+        shortcut = fast(model, sample, t, mask, ctx=ctx, null_rows=2, null_outputs=precomputed)
+        assert close_at_scale(shortcut, explicit)
         assert (
-            relative_error(model(sample, t, ctx[[1, 0, 2]], mask[[1, 0, 2]], cfg_rows=CFGRows(null=2)), explicit)
-            > 0.001
+            relative_error(fast(model, sample, t, mask[[1, 0, 2]], ctx=ctx[[1, 0, 2]], null_rows=2), explicit) > 0.001
         )
-    with pytest.raises(ValueError, match="cfg_rows.null=1 plus the context's 3 rows"):
-        model(torch.randn(5, 4, 8, 8), t, text_ctx, text_mask, cfg_rows=CFGRows(null=1))
+    with pytest.raises(ValueError, match="null_rows=1 plus the context's 3 rows"):
+        fast(model, torch.randn(5, 4, 8, 8), t, text_mask, ctx=text_ctx, null_rows=1)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -184,16 +192,16 @@ def test_repeat_rows_equal_the_repeated_batch(tokenizer, grad):
         ):
             full, t_full = torch.cat([sample[idx], sample]), torch.cat([t[idx], t])
             # null rows: the repeated rows on the null context
-            explicit = model(full, t_full, ctx, mask, cfg_rows=CFGRows(null=2))
-            assert close_at_scale(model(sample, t, ctx, mask, cfg_rows=CFGRows(null=2, repeat=idx)), explicit)
+            explicit = fast(model, full, t_full, mask, ctx=ctx, null_rows=2)
+            assert close_at_scale(fast(model, sample, t, mask, ctx=ctx, null_rows=2, repeat=idx), explicit)
             # explicit contexts for every row (a negative prompt) and a scalar timestep
             ctx5, mask5 = torch.cat([ctx[[1, 1]], ctx]), torch.cat([mask[[1, 1]], mask])
             explicit = model(full, 0.3, ctx5, mask5)
-            assert close_at_scale(model(sample, 0.3, ctx5, mask5, cfg_rows=CFGRows(repeat=idx)), explicit)
-            wrong = model(sample, 0.3, ctx5, mask5, cfg_rows=CFGRows(repeat=torch.tensor([0, 2])))
+            assert close_at_scale(fast(model, sample, 0.3, mask5, ctx=ctx5, repeat=idx), explicit)
+            wrong = fast(model, sample, 0.3, mask5, ctx=ctx5, repeat=torch.tensor([0, 2]))
             assert relative_error(wrong, explicit) > 0.001
-    with pytest.raises(ValueError, match="cfg_rows.repeat must index the 3 rows"):
-        model(torch.randn(3, 4, 8, 8), t, text_ctx, text_mask, cfg_rows=CFGRows(null=1, repeat=torch.tensor([3])))
+    with pytest.raises(ValueError, match="repeat must index the 3 rows"):
+        fast(model, torch.randn(3, 4, 8, 8), t, text_mask, ctx=text_ctx, null_rows=1, repeat=torch.tensor([3]))
 
 
 def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
@@ -215,31 +223,29 @@ def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
         ):
             kv, absorbed = model.context_kv(ctx), model.context_kv(ctx, mask, absorb=True)
             assert isinstance(absorbed[0], AbsorbedContext) and absorbed[0].weight.shape == (3, 32, 2 * ctx.shape[1])
-            reference = model(sample, t, context_mask=mask, context_kv=kv)
-            assert close_at_scale(model(sample, t, context_kv=absorbed), reference)
-            guided = dict(cfg_rows=CFGRows(null=2, repeat=idx))
+            reference = fast(model, sample, t, mask, kv=kv)
+            assert close_at_scale(fast(model, sample, t, kv=absorbed), reference)
+            guided = dict(null_rows=2, repeat=idx)
             assert close_at_scale(
-                model(sample, t, context_kv=absorbed, **guided),
-                model(sample, t, context_mask=mask, context_kv=kv, **guided),
+                fast(model, sample, t, kv=absorbed, **guided),
+                fast(model, sample, t, mask, kv=kv, **guided),
             )
             for rows in (slice(1, None), torch.tensor([2, 0])):
                 assert close_at_scale(
-                    model(sample[rows], t[rows], context_kv=select_context_rows(absorbed, rows)),
-                    model(sample[rows], t[rows], context_mask=mask[rows], context_kv=select_context_rows(kv, rows)),
+                    fast(model, sample[rows], t[rows], kv=select_context_rows(absorbed, rows)),
+                    fast(model, sample[rows], t[rows], mask[rows], kv=select_context_rows(kv, rows)),
                 )
             # the mask is folded in: without it the padded keys of the first text row would take weight
             if not mask.all():
                 loose = model.context_kv(ctx, None, absorb=True)
-                assert relative_error(model(sample, t, context_kv=loose), reference) > 0.0001
+                assert relative_error(fast(model, sample, t, kv=loose), reference) > 0.0001
     # training: the same loss and the same gradients for the projections that were folded (and the text encoder)
     sample = torch.randn(3, 4, 8, 8)
     grads = []
     for absorb in (False, True):
         model.zero_grad()
         ctx, mask = model.encode_text(ids, ids != tokenizer.pad_token_id)
-        model(
-            sample, t, context_mask=mask, context_kv=model.context_kv(ctx, mask, absorb=absorb)
-        ).square().sum().backward()
+        fast(model, sample, t, mask, kv=model.context_kv(ctx, mask, absorb=absorb)).square().sum().backward()
         block = model.blocks[1].cross_attn
         grads.append([p.grad.clone() for p in (block.q.weight, block.q.bias, block.kv.weight, block.proj.weight)])
         grads[-1].append(model.token_embed.weight.grad.clone())
@@ -261,11 +267,8 @@ def test_absorbed_context_equals_keys_and_values(tokenizer, monkeypatch):
     longer = make_model(tokenizer, null_context_length=3)
     assert not isinstance(longer.context_kv(text_ctx, text_mask, absorb=None)[0], AbsorbedContext)
     with pytest.raises(ValueError, match="3-token null context is attended to"):
-        longer(
-            torch.randn(5, 4, 8, 8),
-            0.5,
-            context_kv=longer.context_kv(text_ctx, text_mask, absorb=True),
-            cfg_rows=CFGRows(null=2),
+        prepare_context(
+            longer, torch.randn(5, 4, 8, 8), kv=longer.context_kv(text_ctx, text_mask, absorb=True), null_rows=2
         )
 
 

@@ -4,16 +4,16 @@
 CFG wrappers): called with the noisy stream and t, it returns the guided prediction. Inside it the speed-ups that
 keep guidance cheap are applied once, for every caller:
 - the condition's cross-attention K/V are computed once per sampling call (`context_kv`);
-- the unconditional branch on the learned null context takes no K/V rows (`CFGRows.null`, one constant per block for
+- the unconditional branch on the learned null context takes no K/V rows (null rows of `prepare_context`, one constant per block for
   a one-token null context);
 - the unconditional rows repeat the conditional rows' noisy input, so what comes before the first cross-attention
-  runs once per distinct row (`CFGRows.repeat`);
+  runs once per distinct row (repeated rows of `prepare_context`);
 - outside the guidance interval (or at w = 1) only the conditional rows run;
 - several guidance scales (a sweep) share one forward: S groups of N conditional rows plus N unconditional rows per
   group that is guided at this t.
 
 `forward_with_dropout` is the training counterpart: rows whose condition is dropped run on the learned null context
-(`CFGRows.null`), without encoding their condition.
+(null rows of `prepare_context`), without encoding their condition.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..diffusion.guidance import GUIDANCE_METHODS, NOT_ON_LOGITS, Guidance, guidance_active
-from ..models.transformer import CFGRows, MMDiTModel, select_context_rows
+from ..models.transformer import MMDiTModel, select_context_rows
+from .prepared import prepare_context
 
 # which null context stands in for a dropped condition of each noisy stream: images are conditioned on text, text on
 # images
@@ -229,26 +230,28 @@ class GuidedDenoiser:
         """(unconditional predictions for `uncond_rows`, conditional predictions for every row): one batched forward
         (null or negative context), or the model and the weak model (autoguidance)."""
         if self.weak is not None:
-            pred_cond = self.model(sample, t, context_mask=mask, context_kv=kv)
+            pred_cond = self.model(sample, t, prepared=prepare_context(self.model, sample, mask, kv=kv))
             self.num_forward_rows += sample.shape[0]
             pred_uncond = pred_cond[:0]
             if len(uncond_rows):
                 picked = uncond_rows if weak_rows is None else weak_rows[uncond_rows]
                 t_rows = t[uncond_rows] if torch.as_tensor(t).numel() > 1 else t
-                pred_uncond = self.weak.model(
-                    sample[uncond_rows],
-                    t_rows,
-                    context_mask=self._weak_mask[picked],
-                    context_kv=select_context_rows(self._weak_kv, picked),
+                weak_sample = sample[uncond_rows]
+                weak_context = prepare_context(
+                    self.weak.model, weak_sample, self._weak_mask[picked], kv=select_context_rows(self._weak_kv, picked)
                 )
+                pred_uncond = self.weak.model(weak_sample, t_rows, prepared=weak_context)
                 self.num_forward_rows += len(uncond_rows)
             if self.stream == "text":
                 pred_cond, pred_uncond = pred_cond.float(), pred_uncond.float()
             return pred_uncond, pred_cond
-        cfg_rows = None
         if len(uncond_rows):
-            cfg_rows = CFGRows(null=null_rows, null_outputs=self.null_outputs, repeat=uncond_rows)
-        pred = self.model(sample, t, context_mask=mask, context_kv=kv, cfg_rows=cfg_rows)
+            prepared = prepare_context(
+                self.model, sample, mask, kv=kv, null_rows=null_rows, null_outputs=self.null_outputs, repeat=uncond_rows
+            )
+        else:
+            prepared = prepare_context(self.model, sample, mask, kv=kv)
+        pred = self.model(sample, t, prepared=prepared)
         self.num_forward_rows += sample.shape[0] + len(uncond_rows)
         if self.stream == "text":
             pred = pred.float()
@@ -295,7 +298,7 @@ def forward_with_dropout(
     """The training forward with condition dropout: rows where `dropped` (N,) is True see the learned null context.
 
     `encode(rows)` returns the condition's context and mask for the given row indices (None: every row). Dropped rows
-    go first in the batch as the model's null rows (`CFGRows.null`): their conditions are not encoded and their
+    go first in the batch as null rows (`prepare_context`): their conditions are not encoded and their
     cross-attention is one constant per block. Returns the prediction and the row order it is in (None: the input
     order); a loss that is a mean over rows reorders its target with it.
 
@@ -311,4 +314,6 @@ def forward_with_dropout(
     order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
     context, mask = encode(order[num_null:])
     t = t[order] if t.ndim else t
-    return model(sample[order], t, context, mask, cfg_rows=CFGRows(null=num_null)), order
+    sample = sample[order]
+    prepared = prepare_context(model, sample, mask, context=context, null_rows=num_null)
+    return model(sample, t, prepared=prepared), order

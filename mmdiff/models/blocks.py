@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -69,6 +70,27 @@ class AbsorbedContext(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor
     values: torch.Tensor
+
+
+@dataclass
+class BlockContext:
+    """What one block's cross-attention reads (`mmdiff.models.transformer.PreparedContext` holds one per block).
+
+    kv: keys and values, 2 x (M, H, S, d), with their key mask `mask` (M, S) bool; or an `AbsorbedContext` of M rows
+        (which carries its mask).
+    null_output: (1, D) or None. Set, the first N - M rows of the batch are on a one-token null context: their
+        cross-attention output is this constant (`CrossAttention.single_key_output`; attending to one key returns its
+        value), so they skip the query, attention and projection work.
+    repeat: (K,) long or None (first block only). Set, the block's input holds only the last N - K rows: the batch is
+        `cat([x[repeat], x])` from the cross-attention on, with the conditioning already in that layout. The
+        self-attention branch does not see the context, so it runs once per distinct row (CFG pairs share latents
+        and timestep).
+    """
+
+    kv: tuple[torch.Tensor, torch.Tensor] | AbsorbedContext
+    mask: torch.Tensor | None = None
+    null_output: torch.Tensor | None = None
+    repeat: torch.Tensor | None = None
 
 
 class CrossAttention(nn.Module):
@@ -164,42 +186,31 @@ class DiTBlock(nn.Module):
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cond: torch.Tensor,
-        context_kv: tuple[torch.Tensor, torch.Tensor] | AbsorbedContext,
-        context_mask: torch.Tensor | None,
-        null_output: torch.Tensor | None = None,
-        repeat_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (N, T, D) noisy stream; cond: (N, D), or with adaLN-single the shared modulation (N, 6D);
-        context_kv: 2 x (M, H, S, d) with context_mask (M, S) bool, or an `AbsorbedContext` of M rows.
-
-        With `null_output` (1, D), the first N - M rows attend to a one-token null context: they get that constant
-        cross-attention output (`CrossAttention.single_key_output`) and skip the query/attention/projection work.
-
-        With `repeat_rows` (K,) long, x holds only the last N - K rows: the batch is `cat([x[repeat_rows], x])` with
-        `cond` already in that layout. The self-attention branch does not see the context, so it runs on the distinct
-        rows only and its result is repeated (the CFG pairs in the first block: same latents and timestep).
-        """
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        """x: (N, T, D) noisy stream; cond: (N, D), or with adaLN-single the shared modulation (N, 6D); context: this
+        block's `BlockContext` (its null rows and repeated rows, when set, change only what is computed, not the
+        result)."""
         mods = self.adaLN_modulation(cond) if self.adaLN_modulation is not None else cond + self.adaLN_table.view(1, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)
-        r = 0 if repeat_rows is None else repeat_rows.shape[0]  # cond covers the repeated rows first
+        r = 0 if context.repeat is None else context.repeat.shape[0]  # cond covers the repeated rows first
         x = gated_residual(x, gate_msa[r:], self.attn(modulate(self.norm1(x), shift_msa[r:], scale_msa[r:])))
-        if repeat_rows is not None:
-            x = torch.cat([x[repeat_rows], x])
-        if null_output is None:
-            x = x + self.cross_attn(self.norm_cross(x), context_kv, context_mask)
-        else:
-            k = x.shape[0] - context_kv[0].shape[0]
-            cross = self.cross_attn(self.norm_cross(x[k:]), context_kv, context_mask)
-            if torch.is_grad_enabled():
-                x = torch.cat([x[:k] + null_output, x[k:] + cross])
-            else:  # x is this block's own intermediate and nothing keeps it for a backward pass: add in place
-                x[:k] += null_output
-                x[k:] += cross
+        if context.repeat is not None:
+            x = torch.cat([x[context.repeat], x])
+        x = self._cross_attend(x, context)
         return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+
+    def _cross_attend(self, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        """x + cross-attention to the context; rows on a one-token null context get its constant output."""
+        if context.null_output is None:
+            return x + self.cross_attn(self.norm_cross(x), context.kv, context.mask)
+        k = x.shape[0] - context.kv[0].shape[0]
+        cross = self.cross_attn(self.norm_cross(x[k:]), context.kv, context.mask)
+        if torch.is_grad_enabled():
+            return torch.cat([x[:k] + context.null_output, x[k:] + cross])
+        # x is this block's own intermediate and nothing keeps it for a backward pass: add in place
+        x[:k] += context.null_output
+        x[k:] += cross
+        return x
 
 
 class FinalLayer(nn.Module):

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 
-from .blocks import AbsorbedContext, CrossAttention, DiTBlock, EncoderBlock, FinalLayer, SelfAttention
+from .blocks import AbsorbedContext, BlockContext, CrossAttention, DiTBlock, EncoderBlock, FinalLayer, SelfAttention
 from .hooks import offload_entry_point, weights_under_hooks
 
 TASK_IMAGE, TASK_TEXT = 0, 1
@@ -47,23 +47,19 @@ def select_context_rows(cache: list[ContextCache], rows: torch.Tensor | slice) -
 
 
 @dataclass
-class CFGRows:
-    """How a batch extends the plain forward for classifier-free guidance; built by `mmdiff.conditioning`, which owns
-    the CFG batch (`GuidedDenoiser`, `forward_with_dropout`).
+class PreparedContext:
+    """Every block's cross-attention context for one forward, prepared outside the blocks (`forward` builds the plain
+    one from a context; `mmdiff.conditioning.prepare_context` builds the fast ones: cached or absorbed K/V, null rows,
+    repeated rows, for the classifier-free-guidance batch it owns).
 
-    null: the first `null` rows of the batch are conditioned on the learned null context (the unconditional branch);
-        the context, its cache and its mask then cover only the other rows. A one-token null context costs nothing
-        per token: cross-attention to a single key returns its value for every query, so those rows get one constant
-        per block (exactly what attending gives).
-    null_outputs: precomputed `MMDiTModel.null_outputs(kind)` for the null rows (once per sampling call).
-    repeat: (K,) indices into `sample`; the batch is then `cat([sample[repeat], sample])` (and the same for a per-row
-        timestep), i.e. `sample` holds only the distinct rows. For a CFG batch, whose unconditional rows repeat the
-        conditional rows' latents and timestep: the embeddings and the first block's self-attention, which do not
-        see the context, run once per distinct row (exact).
+    blocks: one `BlockContext` per block.
+    repeat: (K,) indices into `sample` when the batch is `cat([sample[repeat], sample])`: `sample` holds only the
+        distinct rows (a CFG batch repeats each row's latents and timestep for its unconditional twin), and what comes
+        before the first block's cross-attention runs once per distinct row; `blocks[0].repeat` says where the rows
+        are repeated.
     """
 
-    null: int = 0
-    null_outputs: list[torch.Tensor] | None = None
+    blocks: list[BlockContext]
     repeat: torch.Tensor | None = None
 
 
@@ -346,10 +342,11 @@ class MMDiTModel(ModelMixin, ConfigMixin):
     @offload_entry_point
     def null_outputs(self, kind: str) -> list[torch.Tensor]:
         """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
-        sampling call and pass it to `forward(..., cfg_rows=CFGRows(null=..., null_outputs=...))`.
+        sampling call and hand it to `mmdiff.conditioning.prepare_context`.
 
         One-token null context: the block's cross-attention output (1, D), the same for every query. Longer: the
-        block's null keys and values stacked, (2, 1, H, n_null, d), which `forward` prepends to the other rows' K/V.
+        block's null keys and values stacked, (2, 1, H, n_null, d), which `mmdiff.conditioning.prepare_context`
+        prepends to the other rows' K/V.
         """
         if kind not in CONTEXT_KINDS:
             raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
@@ -366,8 +363,7 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         timestep: torch.Tensor | float,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-        context_kv: list[ContextCache] | None = None,
-        cfg_rows: CFGRows | None = None,
+        prepared: PreparedContext | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -376,98 +372,38 @@ class MMDiTModel(ModelMixin, ConfigMixin):
             timestep: noise level t in [0, 1], (N,) or a scalar.
             context: (N, S, D) cross-attention context (from `encode_text`/`encode_image`/`null_context`).
             context_mask: (N, S) bool key padding mask.
-            context_kv: precomputed `context_kv(context, ...)` (keys/values or absorbed); when given, `context` is not
-                needed, and an absorbed cache carries its own mask.
-            cfg_rows: the rows a classifier-free-guidance batch adds (`CFGRows`); only `mmdiff.conditioning` builds
-                them.
+            prepared: the blocks' contexts prepared elsewhere (`PreparedContext`: cached K/V, a CFG batch), instead
+                of `context` and `context_mask`.
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
         is_text = not torch.is_floating_point(sample)
-        n = sample.shape[0]
         if is_text:
             x = self.token_embed(sample) + self.text_pos_embed[:, : sample.shape[1]]  # (N, L, D)
         else:
             x = self._patchify(self.patch_embed, sample)  # (N, T, D)
+        if prepared is None:
+            if context is None:
+                raise ValueError("forward needs a context or a prepared context")
+            absorb = self.absorb_pays(context.shape[1], x.shape[1])
+            prepared = PreparedContext(
+                [BlockContext(kv, context_mask) for kv in self.context_kv(context, context_mask, absorb)]
+            )
+        n = sample.shape[0]
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
         cond = self.t_embedder(t, x.dtype) + self.task_embed(task)  # (N, D)
-        cfg_rows = cfg_rows or CFGRows()
-        null_rows, null_outputs, repeat_rows = cfg_rows.null, cfg_rows.null_outputs, cfg_rows.repeat
-        if repeat_rows is not None:  # from here on the batch is cat([rows repeated, sample]); x follows in block 0
-            repeat_rows = torch.as_tensor(repeat_rows, dtype=torch.long).reshape(-1)
-            # checked on the host only: on an accelerator the check would sync every sampling step (indexing still
-            # fails there on a bad index, less readably)
-            if repeat_rows.device.type == "cpu" and repeat_rows.numel():
-                if not (0 <= int(repeat_rows.min()) and int(repeat_rows.max()) < n):
-                    raise ValueError(f"cfg_rows.repeat must index the {n} rows of sample, got {repeat_rows.tolist()}")
-            repeat_rows = repeat_rows.to(x.device)
-            cond = torch.cat([cond[repeat_rows], cond])
-            n = n + repeat_rows.numel()
-        if context_kv is None:
-            if context is None:
-                raise ValueError("forward needs a context or precomputed context_kv")
-            context_kv = self.context_kv(context, context_mask, absorb=self.absorb_pays(context.shape[1], x.shape[1]))
-        per_block: list[torch.Tensor | None] = [None] * len(self.blocks)
-        if null_rows:
-            context_kv, context_mask, per_block = self._with_null_rows(
-                null_rows, n, "image" if is_text else "text", context_kv, context_mask, null_outputs
-            )
+        if prepared.repeat is not None:  # the batch is cat([repeated rows, sample]); x follows in block 0
+            cond = torch.cat([cond[prepared.repeat], cond])
         block_cond = self.adaLN_single(cond) if self.adaLN_single is not None else cond
-        for i, (block, kv, null_out) in enumerate(zip(self.blocks, context_kv, per_block, strict=True)):
-            repeat = repeat_rows if i == 0 else None
+        for block, block_context in zip(self.blocks, prepared.blocks, strict=True):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, block_cond, kv, context_mask, null_out, repeat)
+                x = self._gradient_checkpointing_func(block, x, block_cond, block_context)
             else:
-                x = block(x, block_cond, kv, context_mask, null_out, repeat)
+                x = block(x, block_cond, block_context)
         if is_text:
             return self.text_head(x, cond)  # (N, L, V)
         return self._unpatchify(self.image_head(x, cond), sample.shape[-2], sample.shape[-1])
-
-    def _with_null_rows(
-        self,
-        null_rows: int,
-        batch: int,
-        kind: str,
-        context_kv: list[ContextCache],
-        context_mask: torch.Tensor | None,
-        null_outputs: list[torch.Tensor] | None,
-    ) -> tuple[list[ContextCache], torch.Tensor | None, list[torch.Tensor | None]]:
-        """K/V, mask and per-block null outputs for a batch whose first `null_rows` rows use the null context."""
-        rows = context_kv[0][0].shape[0]
-        if not isinstance(null_rows, int) or null_rows < 0 or null_rows + rows != batch:
-            raise ValueError(
-                f"cfg_rows.null={null_rows} plus the context's {rows} rows must equal the batch of {batch} samples"
-            )
-        per_block = null_outputs or self.null_outputs(kind)
-        n_null = (self.null_text_context if kind == "text" else self.null_image_context).shape[0]
-        if n_null == 1:  # the shortcut: one constant per block
-            return context_kv, context_mask, per_block
-        if isinstance(context_kv[0], AbsorbedContext):
-            raise ValueError(
-                f"a {n_null}-token null context is attended to with the other rows' keys and values; build the "
-                "cache with context_kv(..., absorb=False)"
-            )
-        # a longer null context: attended to like any other context, its K/V (one row, expanded) before the others
-        length = context_kv[0][0].shape[2]
-        if context_mask is None:
-            context_mask = torch.ones(rows, length, dtype=torch.bool, device=context_kv[0][0].device)
-        width = max(length, n_null)
-
-        def padded(t: torch.Tensor, num: int) -> torch.Tensor:  # (R, H, num, d) -> (R, H, width, d)
-            return torch.nn.functional.pad(t, (0, 0, 0, width - num)) if width > num else t
-
-        merged = [
-            tuple(
-                torch.cat([padded(null_kv[i].expand(null_rows, -1, -1, -1), n_null), padded(kv[i], length)])
-                for i in (0, 1)
-            )
-            for null_kv, kv in zip(per_block, context_kv, strict=True)
-        ]
-        null_mask = torch.zeros(null_rows, width, dtype=torch.bool, device=context_mask.device)
-        null_mask[:, :n_null] = True
-        mask = torch.cat([null_mask, torch.nn.functional.pad(context_mask, (0, width - length), value=False)])
-        return merged, mask, [None] * len(self.blocks)
 
     def _unpatchify(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""
