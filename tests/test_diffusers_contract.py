@@ -24,10 +24,14 @@ PROMPTS = ["a small red circle", "a large blue square"]
 STEPS = 4
 
 
-def _latents(pipe, **kwargs) -> torch.Tensor:
+def _call(pipe, **kwargs):
     kwargs.setdefault("prompt", PROMPTS)
     kwargs = {"num_inference_steps": STEPS, "guidance_scale": 3.0, "output_type": "latent", **kwargs}
-    return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    return pipe(generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def _latents(pipe, **kwargs) -> torch.Tensor:
+    return _call(pipe, **kwargs).images
 
 
 @pytest.fixture
@@ -150,9 +154,9 @@ def test_a_callback_changes_guidance_part_way(pipe):
             p._guidance_scale = 1.0  # w = 1: the conditional model alone
         return tensors
 
-    stopped = _latents(pipe, callback_on_step_end=stop_cfg_after_two_steps)
-    n = len(PROMPTS)
-    assert pipe._num_forward_rows == 2 * (2 * n) + 2 * n  # two guided steps, two conditional-only steps
+    out = _call(pipe, callback_on_step_end=stop_cfg_after_two_steps)
+    stopped, n = out.images, len(PROMPTS)
+    assert out.num_forward_rows == 2 * (2 * n) + 2 * n  # two guided steps, two conditional-only steps
     assert not pipe.do_classifier_free_guidance
     assert not torch.equal(stopped, _latents(pipe))
     assert not torch.equal(stopped, _latents(pipe, guidance_scale=1.0))
@@ -166,8 +170,7 @@ def test_interrupt_skips_the_remaining_steps(pipe):
         p._interrupt = i == 1
         return tensors
 
-    _latents(pipe, guidance_scale=1.0, callback_on_step_end=interrupt)
-    assert pipe._num_forward_rows == 2 * len(PROMPTS)
+    assert _call(pipe, guidance_scale=1.0, callback_on_step_end=interrupt).num_forward_rows == 2 * len(PROMPTS)
 
 
 def test_caption_callback_protocol(i2t):

@@ -133,8 +133,7 @@ def test_bad_caption_arguments_name_the_problem(i2t, tokenizer):
 def test_unconditional_captions_and_w1(i2t, tokenizer):
     out = i2t(None, num_captions=3, num_inference_steps=3, temperature=1.0, generator=_seeds(3), return_tokens=True)
     assert len(out.text) == 3 and not (out.token_ids == tokenizer.mask_token_id).any()
-    assert i2t._num_forward_rows == 3 * 3  # no image, no guidance: conditional rows only
-    i2t(_images(), num_inference_steps=3, guidance_scale=1.0)
-    assert i2t._num_forward_rows == 3 * 3
-    i2t(_images(), num_inference_steps=3, guidance_scale=2.0, guidance_interval=(0.5, 1.0))
-    assert i2t._num_forward_rows == 3 * 3 + 3 * 2  # levels 1 and 2/3 guided, 1/3 not
+    assert out.num_forward_rows == 3 * 3  # no image, no guidance: conditional rows only
+    assert i2t(_images(), num_inference_steps=3, guidance_scale=1.0).num_forward_rows == 3 * 3
+    guided = i2t(_images(), num_inference_steps=3, guidance_scale=2.0, guidance_interval=(0.5, 1.0))
+    assert guided.num_forward_rows == 3 * 3 + 3 * 2  # levels 1 and 2/3 guided, 1/3 not

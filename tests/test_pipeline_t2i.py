@@ -122,13 +122,14 @@ def test_output_types_progress_bar_and_callback(pipe, capsys):
 def test_guidance_sweep_is_one_batched_call_matching_separate_calls(pipe):
     scales = [1.0, 2.0, 5.0]
     sweep = pipe.guidance_sweep(PROMPTS, scales, num_inference_steps=3, generator=_seed(), output_type="latent")
-    rows = pipe._num_forward_rows
+    rows = sweep.num_forward_rows
     assert sweep.guidance_scales == scales and sweep.prompts == PROMPTS and len(sweep.images) == 3
     separate_rows = 0
     for w, images in zip(scales, sweep.images, strict=True):
         assert images.shape == (2, 4, 8, 8)
-        assert close_at_scale(images, _latents(pipe, PROMPTS, guidance_scale=w))
-        separate_rows += pipe._num_forward_rows
+        separate = pipe(PROMPTS, num_inference_steps=3, guidance_scale=w, generator=_seed(), output_type="latent")
+        assert close_at_scale(images, separate.images)
+        separate_rows += separate.num_forward_rows
     # cond rows for every scale, uncond rows only for w != 1: 3 steps x (6 + 4)
     assert rows == separate_rows == 3 * 10
     pil = pipe.guidance_sweep(PROMPTS[0], [2.0, 4.0], num_inference_steps=2, num_images_per_prompt=2).images

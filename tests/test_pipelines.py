@@ -36,14 +36,15 @@ def test_text_to_image_shapes_and_determinism(pipe):
 
 def test_w1_equals_conditional_only_at_every_step(pipe):
     # reference: the conditional prediction only, via a callback-free manual loop
-    guided = pipe(
+    out = pipe(
         PROMPTS,
         num_inference_steps=4,
         guidance_scale=1.0,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
-    ).images
-    assert pipe._num_forward_rows == 2 * 4  # no unconditional rows ran
+    )
+    guided = out.images
+    assert out.num_forward_rows == 2 * 4  # no unconditional rows ran
     context, mask = pipe.text_context(*pipe.encode_prompt(PROMPTS)[:2])
     latents = torch.randn(guided.shape, generator=torch.Generator().manual_seed(0))
     pipe.scheduler.set_timesteps(4)
@@ -55,10 +56,10 @@ def test_w1_equals_conditional_only_at_every_step(pipe):
 
 
 def test_guidance_interval_runs_fewer_rows(pipe):
-    pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, output_type="latent")
-    full = pipe._num_forward_rows
-    pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.5), output_type="latent")
-    assert full == 4 * 4 and pipe._num_forward_rows < full
+    full = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, output_type="latent").num_forward_rows
+    interval = (0.0, 0.5)
+    fewer = pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, guidance_interval=interval, output_type="latent")
+    assert full == 4 * 4 and fewer.num_forward_rows < full
 
 
 def test_captioning_is_deterministic_and_clean(pipe, tokenizer):

@@ -170,7 +170,7 @@ def test_finished_rows_take_no_forward_pass(confident_i2t, tokenizer):
             active.append(int((tensors["token_ids"] == tokenizer.mask_token_id).any(1).sum()))
             return tensors
 
-        i2t(
+        out = i2t(
             _images()[:3],
             prompt=prompts,
             sampler="threshold",
@@ -180,7 +180,7 @@ def test_finished_rows_take_no_forward_pass(confident_i2t, tokenizer):
         )
         steps = len(active) - 1
         assert active[-1] == 0 and active[1] == 2 and steps > 1  # the template row finished at the first step
-        assert i2t._num_forward_rows == per_row * sum(active[:-1]) < per_row * 3 * steps
+        assert out.num_forward_rows == per_row * sum(active[:-1]) < per_row * 3 * steps
 
 
 def test_bad_sampler_settings_are_one_line_errors(confident_i2t, saved_pipe, tmp_path, capsys):

@@ -258,7 +258,7 @@ def bench_caption_samplers(preset: BenchPreset, device, autocast) -> dict:
         def run():
             with autocast:
                 out = i2t(images, guidance_scale=2.0, generator=torch.Generator().manual_seed(0), **settings)
-            rows[name] = i2t._num_forward_rows / len(images)
+            rows[name] = out.num_forward_rows / len(images)
             return out
 
         return run

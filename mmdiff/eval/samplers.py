@@ -69,7 +69,7 @@ def caption_with(i2t, images, settings: dict[str, Any], guidance_scale: float, b
         out = i2t(chunk, guidance_scale=guidance_scale, generator=generators, **settings)
         seconds += time.perf_counter() - t0
         texts.extend(out.text)
-        rows += i2t._num_forward_rows
+        rows += out.num_forward_rows
     return texts, rows, seconds
 
 

@@ -76,7 +76,7 @@ def sweep_images(
             weak_model=weak_model,
         )
         seconds += time.time() - t0
-        rows += pipe._num_forward_rows
+        rows += out.num_forward_rows
         for s, group in enumerate(out.images):
             images[s].extend(group)
     return images, seconds, rows

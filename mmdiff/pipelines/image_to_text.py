@@ -20,11 +20,13 @@ MAX_TEXT_STEPS = 2**24
 @dataclass
 class CaptionPipelineOutput(BaseOutput):
     """text: one caption per image. With `return_tokens=True` also token_ids (N, L), pads after each caption's end,
-    and confidences (N, L): the probability each token had when it was unmasked (1 for fixed prompt tokens)."""
+    and confidences (N, L): the probability each token had when it was unmasked (1 for fixed prompt tokens).
+    num_forward_rows: the transformer rows the call ran (finished captions take none)."""
 
     text: list[str]
     token_ids: torch.Tensor | None = None
     confidences: torch.Tensor | None = None
+    num_forward_rows: int | None = None
 
 
 class MMDiffImageToTextPipeline(MMDiffPipelineBase):
@@ -180,7 +182,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         )  # fmt: skip
 
         # 5. unmask
-        ids, confidences = self._unmask(
+        ids, confidences, rows = self._unmask(
             scheduler, denoiser, ids, fixed, blanks, num_inference_steps, generator, temperature, remasking,
             callback_on_step_end, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
@@ -200,7 +202,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         token_ids, conf = (ids, confidences) if return_tokens else (None, None)
         if not return_dict:
             return (text, token_ids, conf)
-        return CaptionPipelineOutput(text=text, token_ids=token_ids, confidences=conf)
+        return CaptionPipelineOutput(text=text, token_ids=token_ids, confidences=conf, num_forward_rows=rows)
 
     def _text_scheduler_for(self, **overrides) -> MaskedDiffusionScheduler:
         """The text scheduler, or one built from its config with the given (non-None) settings replaced."""
@@ -212,7 +214,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
     def _unmask(
         self, scheduler, denoiser, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback,
         callback_inputs=("token_ids",),
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
         """Unmask until no position is masked. Each step runs the transformer on the captions that still have a
         masked position only (finished ones stop taking forward passes, guided or not). Returns (ids, the
         probability each token had when it was unmasked)."""
@@ -268,8 +270,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                 progress.update()
         if adaptive:  # as many steps as the captions needed
             self._num_timesteps = taken
-        self._num_forward_rows = denoiser.num_forward_rows
-        return ids, confidences
+        return ids, confidences, denoiser.num_forward_rows
 
     def _step(
         self,

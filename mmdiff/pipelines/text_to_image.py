@@ -29,6 +29,14 @@ NON_FINITE = (
 
 
 @dataclass
+class MMDiffImagePipelineOutput(ImagePipelineOutput):
+    """images: as `output_type` asks (diffusers' `ImagePipelineOutput`). num_forward_rows: the transformer rows the
+    call ran (conditional plus unconditional rows over all steps): what guidance intervals and CFG cost."""
+
+    num_forward_rows: int | None = None
+
+
+@dataclass
 class GuidanceSweepOutput(BaseOutput):
     """Images of one sweep, grouped by scale.
 
@@ -36,11 +44,13 @@ class GuidanceSweepOutput(BaseOutput):
     prompts: the N prompts, one per image within a group (each prompt repeated `num_images_per_prompt` times).
     images: S entries, `images[s][n]` made from `prompts[n]` at `guidance_scales[s]` with the same seed for every s:
         a list of PIL images, an (N, H, W, 3) numpy array, an (N, 3, H, W) tensor, or (N, C, h, w) latents.
+    num_forward_rows: the transformer rows the sweep ran.
     """
 
     guidance_scales: list[float]
     prompts: list[str]
     images: list[list[PIL.Image.Image] | np.ndarray | torch.Tensor]
+    num_forward_rows: int | None = None
 
 
 class MMDiffTextToImagePipeline(MMDiffPipelineBase):
@@ -78,7 +88,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         guidance: str = "cfg",
         guidance_params: dict | None = None,
         weak_model=None,
-    ) -> ImagePipelineOutput | tuple:
+    ) -> MMDiffImagePipelineOutput | tuple:
         """Args follow diffusers' text-to-image pipelines; w = `guidance_scale` = 1 means no guidance.
 
         num_inference_steps, guidance_scale: unset, the pipeline's `sample_config` applies (a folder's saved
@@ -112,7 +122,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         )
         self._guidance_scale, self._interrupt = spec.scales[0], False
         self.check_callback_inputs(callback_on_step_end_tensor_inputs)
-        latents = self._sample(
+        _, latents, rows = self._sample(
             prompt=prompt,
             negative_prompt=negative_prompt,
             spec=spec,
@@ -126,12 +136,12 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             embeds=(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask),
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )[1]
+        )
         images = self._postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return ImagePipelineOutput(images=images)
+        return MMDiffImagePipelineOutput(images=images, num_forward_rows=rows)
 
     @torch.no_grad()
     def guidance_sweep(
@@ -169,7 +179,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             raise ValueError("guidance_scales must be a non-empty list of numbers, e.g. [1.0, 2.0, 4.0]")
         spec = guidance_spec(scales, guidance, guidance_params, guidance_interval, guidance_rescale, weak_model)
         self._guidance_scale, self._interrupt = spec.scales[0], False
-        prompts, latents = self._sample(
+        prompts, latents, rows = self._sample(
             prompt=prompt,
             negative_prompt=negative_prompt,
             spec=spec,
@@ -184,7 +194,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         groups = latents.chunk(len(scales))
         images = [self._postprocess(group, output_type) for group in groups]
         self.maybe_free_model_hooks()
-        return GuidanceSweepOutput(guidance_scales=scales, prompts=prompts, images=images)
+        return GuidanceSweepOutput(guidance_scales=scales, prompts=prompts, images=images, num_forward_rows=rows)
 
     # ------------------------------------------------------------------ steps
 
@@ -319,11 +329,11 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         embeds: tuple = (None, None, None, None),
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> tuple[list[str], torch.Tensor]:
+    ) -> tuple[list[str], torch.Tensor, int]:
         """Denoise S = len(spec.scales) groups of N images in one loop.
 
-        Returns the N expanded prompts ("" for rows given as embeddings) and the final latents (S*N, C, h, w), group s
-        holding scale s.
+        Returns the N expanded prompts ("" for rows given as embeddings), the final latents (S*N, C, h, w), group s
+        holding scale s, and the transformer rows that ran.
         """
         # 1. check inputs
         if num_inference_steps is None:
@@ -400,8 +410,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                 )
                 latents = out.get("latents", latents)
                 progress.update()
-        self._num_forward_rows = denoiser.num_forward_rows
-        return prompts, latents
+        return prompts, latents, denoiser.num_forward_rows
 
     @property
     def vae_scale(self) -> int:
