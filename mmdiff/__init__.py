@@ -4,9 +4,15 @@ The classes a saved pipeline folder names in model_index.json ("mmdiff", ClassNa
 rename them once a checkpoint has shipped.
 """
 
-from .diffusion.masked import MaskedDiffusionScheduler
-from .models.transformer import MMDiTModel
-from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
+import warnings
+
+# importing diffusers' autoencoder on torch 2.4 without CUDA warns that a CUDA autocast is disabled: true and beside
+# the point on a CPU machine (and a second line before every command's one-line error); silenced for the import only
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="User provided device_type of 'cuda', but CUDA is not available")
+    from .diffusion.masked import MaskedDiffusionScheduler
+    from .models.transformer import MMDiTModel
+    from .pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
 
 __version__ = "0.1.0"
 

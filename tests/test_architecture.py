@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmdiff"
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    ["mmdiff.paths", "mmdiff.hub"],
+    ["mmdiff.paths", "mmdiff.hub", "mmdiff.checks"],
     ["mmdiff.models", "mmdiff.diffusion"],
     ["mmdiff.data"],
     ["mmdiff.config"],

@@ -17,6 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..checks import finite_number
+
 REMASKING = ("low_confidence", "random")
 # which masked positions a step unmasks: a fixed number from the linear schedule, every one above a confidence
 # threshold (Fast-dLLM), or as many as an entropy budget allows (EB-sampler)
@@ -90,9 +92,9 @@ def check_sampler(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if not _number(threshold) or not 0.0 < threshold <= 1.0:
+    if not finite_number(threshold) or not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must lie in (0, 1] (a token probability), got {threshold!r}")
-    if not _number(entropy_bound) or not 0.0 < entropy_bound < math.inf:
+    if not finite_number(entropy_bound) or not 0.0 < entropy_bound < math.inf:
         raise ValueError(f"entropy_bound must be a positive number of nats, got {entropy_bound!r}")
     if block_length is not None:
         if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
@@ -105,20 +107,16 @@ def check_sampler(
                     f"block_length={block_length} over {length} tokens (the schedule sampler gives each block the "
                     "same number of steps)"
                 )
-    if not _number(remask_fraction) or not 0.0 <= remask_fraction < 1.0:
+    if not finite_number(remask_fraction) or not 0.0 <= remask_fraction < 1.0:
         raise ValueError(f"remask_fraction must lie in [0, 1), got {remask_fraction!r}")
     window = tuple(remask_window) if isinstance(remask_window, list | tuple) else ()
-    if len(window) != 2 or not all(_number(v) for v in window) or not 0.0 <= window[0] <= window[1] <= 1.0:
+    if len(window) != 2 or not all(finite_number(v) for v in window) or not 0.0 <= window[0] <= window[1] <= 1.0:
         raise ValueError(f"remask_window must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {remask_window!r}")
     if sampler != "schedule" and remask_fraction > 0:
         raise ValueError(
             f"remask_fraction > 0 needs sampler='schedule': the {sampler} sampler stops when nothing is masked, so "
             "remasking could keep it from ever finishing"
         )
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _rank(score: torch.Tensor) -> torch.Tensor:

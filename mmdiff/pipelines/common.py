@@ -3,14 +3,11 @@
 Both pipeline classes take the same components, so either one loads any saved mmdiff folder.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
-import math
-import numbers
 import os
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -18,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checks import check_interval, check_number, check_steps
 from ..conditioning.guided import GuidanceSpec
 from ..conditioning.text import TextConditioner, frozen_token_budget
 from ..config import SampleConfig, pipeline_settings, saved_pipeline_config
@@ -65,10 +63,12 @@ class MMDiffPipelineBase(DiffusionPipeline):
         scheduler: SchedulerMixin,
         text_scheduler: MaskedDiffusionScheduler,
         tokenizer: PreTrainedTokenizerBase,
-        text_encoder: OpenCLIPTextEncoder | PreTrainedModel | None = None,
-        text_encoder_tokenizer: PreTrainedTokenizerBase | None = None,
-        objective: str | None = None,
-        sample_defaults: dict | None = None,
+        # typing's Optional/Union, evaluated: diffusers (0.36 on) reads these types to check components in
+        # `from_pretrained` and `from_pipe`, and older releases neither resolve string annotations nor `X | Y`
+        text_encoder: Optional[Union[OpenCLIPTextEncoder, PreTrainedModel]] = None,  # noqa: UP007, UP045
+        text_encoder_tokenizer: Optional[PreTrainedTokenizerBase] = None,  # noqa: UP045
+        objective: Optional[str] = None,  # noqa: UP045
+        sample_defaults: Optional[dict] = None,  # noqa: UP045
         caption_phrasing: str = "all",
     ):
         super().__init__()
@@ -209,7 +209,7 @@ class MMDiffPipelineBase(DiffusionPipeline):
         """Captions -> text context, with this pipeline's caption tokenizer and (optional) frozen encoder."""
         return TextConditioner(self.tokenizer, self.text_encoder, self.text_encoder_tokenizer)
 
-    def weak_pipeline(self, weak_model) -> MMDiffPipelineBase:
+    def weak_pipeline(self, weak_model) -> "MMDiffPipelineBase":
         """Autoguidance's weak model as a pipeline on this one's device and dtype: a pipeline, or a folder (an
         earlier or smaller checkpoint; loaded once per pipeline, not at every call). It must share this model's VAE,
         tokenizer and objective: a ValueError names what differs."""
@@ -302,62 +302,10 @@ def _to_pil(image: ImageInput, index: int) -> PIL.Image.Image:
     raise TypeError(f"image {index}: unsupported type {type(image).__name__}; give PIL, numpy or torch")
 
 
-def is_number(value: object) -> bool:
-    """A real number (Python or numpy), not a bool: what every numeric pipeline argument accepts."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-def _finite(value: numbers.Real) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float (10**400)
-        return False
-
-
-def check_number(name: str, value: object, low: float, high: float = math.inf, meaning: str = "") -> float:
-    """`value` as a float when it is a finite number in [low, high]; otherwise an error naming the argument."""
-    if not is_number(value):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (_finite(value) and low <= value <= high):
-        allowed = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a finite number {allowed}{meaning}, got {value}")
-    return float(value)
-
-
-def check_steps(num_inference_steps: object, max_steps: int | None = None) -> int:
-    """A positive whole number of steps (at most `max_steps`), as an int."""
-    whole = isinstance(num_inference_steps, numbers.Integral) or (
-        is_number(num_inference_steps) and _finite(num_inference_steps) and float(num_inference_steps).is_integer()
-    )
-    if not whole or isinstance(num_inference_steps, bool | np.bool_) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if max_steps is not None and num_inference_steps > max_steps:
-        raise ValueError(
-            f"num_inference_steps={num_inference_steps} is more than the {max_steps} the scheduler can take"
-        )
-    return int(num_inference_steps)
-
-
 def check_guidance(guidance_scale: float, num_inference_steps: int, max_steps: int | None = None) -> int:
     """w must be finite and >= 0 (w = 1 is unguided, 0 is unconditional); steps a positive integer, returned as int."""
     check_number("guidance_scale", guidance_scale, 0.0, meaning=" (1 = no guidance)")
     return check_steps(num_inference_steps, max_steps)
-
-
-def check_guidance_interval(guidance_interval: tuple[float, float] | None) -> tuple[float, float] | None:
-    """(t_low, t_high) with 0 <= t_low <= t_high <= 1, or None."""
-    if guidance_interval is None:
-        return None
-    if (
-        not isinstance(guidance_interval, list | tuple)
-        or len(guidance_interval) != 2
-        or not all(is_number(v) for v in guidance_interval)
-        or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0
-    ):
-        raise ValueError(
-            f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {guidance_interval!r}"
-        )
-    return float(guidance_interval[0]), float(guidance_interval[1])
 
 
 def guidance_spec(
@@ -380,7 +328,7 @@ def guidance_spec(
         scales=scales,
         method=guidance,
         params=dict(guidance_params or {}),
-        interval=check_guidance_interval(guidance_interval),
+        interval=check_interval("guidance_interval", guidance_interval),
         rescale=check_number("guidance_rescale", guidance_rescale, 0.0, 1.0),
         weak_model=weak_model,
     )

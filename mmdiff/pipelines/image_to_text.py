@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
+from ..checks import check_number
 from ..conditioning.guided import GuidedDenoiser, WeakBranch
 from ..data.tokenizer import decode_captions, encode_captions
 from ..diffusion.masked import MaskedDiffusionScheduler, check_sampler
-from .common import ImageInput, MMDiffPipelineBase, check_guidance, check_number, guidance_spec, per_sample_generators
+from .common import ImageInput, MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
 
 # The text scheduler's mask levels are float32 timesteps: past 2**24 steps, neighbouring levels round to one value.
 MAX_TEXT_STEPS = 2**24

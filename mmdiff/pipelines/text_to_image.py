@@ -14,11 +14,12 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..checks import check_number
 from ..conditioning.guided import GuidanceSpec, GuidedDenoiser, WeakBranch
 from ..diffusion.gaussian import timestep_to_t
 from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
-from .common import MMDiffPipelineBase, check_guidance, check_number, guidance_spec, per_sample_generators
+from .common import MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
 from .schedulers import check_scheduler_fits
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -291,7 +292,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         else:
             embeds, mask = conditioner.joint_context(self.transformer, prompts, device)
         empty = torch.tensor([not p.strip() for p in prompts], device=mask.device)
-        return embeds, mask.bool() & ~empty[:, None]
+        mask = mask.bool() & ~empty[:, None]
+        # a row with no real token attends to no key (NaN on some torch releases); it becomes the null context
+        # later, so its values only need to be finite
+        return torch.where(mask.any(1)[:, None, None], embeds, torch.zeros_like(embeds)), mask
 
     def text_context(
         self, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor

@@ -1,0 +1,87 @@
+"""The checks of numbers and files that every public entry point (pipelines, commands, the web page, configs) uses:
+each failure is one ValueError/TypeError/FileNotFoundError that names the argument or file and what it accepts."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+
+def is_number(value: object) -> bool:
+    """A real number (Python or numpy), not a bool: what every numeric pipeline argument accepts."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
+
+
+def finite_number(value: object) -> bool:
+    """A real number that is finite (not NaN, not infinite, not an int too large for a float)."""
+    return is_number(value) and _finite(value)
+
+
+def check_number(name: str, value: object, low: float, high: float = math.inf, meaning: str = "") -> float:
+    """`value` as a float when it is a finite number in [low, high]; otherwise an error naming the argument."""
+    if not is_number(value):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (_finite(value) and low <= value <= high):
+        allowed = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number {allowed}{meaning}, got {value}")
+    return float(value)
+
+
+def check_steps(num_inference_steps: object, max_steps: int | None = None) -> int:
+    """A positive whole number of steps (at most `max_steps`), as an int."""
+    whole = isinstance(num_inference_steps, numbers.Integral) or (
+        is_number(num_inference_steps) and _finite(num_inference_steps) and float(num_inference_steps).is_integer()
+    )
+    if not whole or isinstance(num_inference_steps, bool | np.bool_) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if max_steps is not None and num_inference_steps > max_steps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} is more than the {max_steps} the scheduler can take"
+        )
+    return int(num_inference_steps)
+
+
+def check_interval(name: str, interval: object) -> tuple[float, float] | None:
+    """(t_low, t_high) with 0 <= t_low <= t_high <= 1 as floats, or None (the guidance interval, the remasking
+    window)."""
+    if interval is None:
+        return None
+    if (
+        not isinstance(interval, list | tuple)
+        or len(interval) != 2
+        or not all(is_number(v) and _finite(v) for v in interval)
+        or not 0.0 <= interval[0] <= interval[1] <= 1.0
+    ):
+        raise ValueError(f"{name} must be (t_low, t_high) with 0 <= t_low <= t_high <= 1, got {interval!r}")
+    return float(interval[0]), float(interval[1])
+
+
+def open_image_file(path: str | Path) -> PIL.Image.Image:
+    """An image file, decoded in full now, so that a missing, empty, non-image or truncated file is one error naming
+    the file (FileNotFoundError or ValueError) here, not a PIL traceback from inside a pipeline later."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; give image files (.png, .jpg, ...)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image file {path} is empty")
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read (a text file, or a format it does not know?)") from None
+    except Exception as err:  # PIL raises many types for damaged files: OSError, SyntaxError, EOFError, ...
+        raise ValueError(f"image file {path} is damaged: {type(err).__name__}: {err}") from None
+    return image
