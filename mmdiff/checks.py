@@ -5,10 +5,52 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+
+
+def shown_number(value: object) -> str:
+    """A number for an error line: as it is, or its first digits and length when it is too long to read (10**400)."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+
+
+def check_seed(name: str, seed: object, high: int = 2**64 - 1) -> int:
+    """A seed in [0, high] as an int (torch.Generator.manual_seed takes up to 2**64 - 1; a caller that adds offsets
+    to the seed passes less), or an error whose line stays short for a seed of 400 digits."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number, got {type(seed).__name__}")
+    if not 0 <= seed <= high:
+        bits = (high + 1).bit_length() - 1
+        shown_high = f"2**{bits} - 1" if high + 1 == 2**bits else shown_number(high)
+        raise ValueError(f"{name} {shown_number(seed)} is out of range: it must lie in [0, {shown_high}]")
+    return int(seed)
+
+
+def check_text(name: str, text: object, limit: int | None = None) -> str:
+    """A text argument as given, or a one-line error naming it: not a string, longer than `limit` characters, or
+    holding what no tokenizer reads as text. A lone surrogate is what Python makes of argument bytes that are not
+    UTF-8 (`surrogateescape`) and what a JSON request can send ("\\ud800"); tokenizers fail on it with an error that
+    names no argument. Control characters other than tab and line breaks are refused too."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be text, got {type(text).__name__}")
+    if limit is not None and len(text) > limit:
+        raise ValueError(f"{name} is {len(text):,} characters long; at most {limit:,} are taken")
+    for index, char in enumerate(text):
+        kind = unicodedata.category(char)
+        if kind == "Cs":
+            raise ValueError(
+                f"{name} holds a lone surrogate U+{ord(char):04X} at character {index}, bytes that are not UTF-8 "
+                "text: give it as UTF-8 (check the terminal's or the script's encoding)"
+            )
+        if kind == "Cc" and char not in "\t\n\r":
+            raise ValueError(
+                f"{name} holds the control character U+{ord(char):04X} at character {index}: type plain text"
+            )
+    return text
 
 
 def is_number(value: object) -> bool:

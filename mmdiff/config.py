@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass schemas + OmegaConf YAML + dotlist overrides (DESIGN.md, decision 10).
+"""Typed configuration: dataclass schemas + OmegaConf YAML + dotlist overrides (docs/architecture.md, decision 10).
 
 An unknown key or a value of the wrong type is an error that names the key (and the nearest valid one).
 """
@@ -15,6 +15,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .checks import shown_number
 from .data.captions import CAPTION_CHOICES
 from .data.policies import TEXT_TASK_PHRASINGS
 from .data.tokenizer import TOKENIZER_KINDS
@@ -42,7 +43,7 @@ class DataConfig:
     caption_choice: str = "random"  # "random" phrasing from the record's json, or always the "txt" caption
     # The caption policy (mmdiff.data.policies): which captions the image -> text task learns to generate. "all"
     # phrasings (the same caption as text -> image), or the shapes dataset's "left_first": only phrasings that name
-    # the left/upper object first. Text -> image keeps every phrasing. See README, "The shipped model" (relation
+    # the left/upper object first. Text -> image keeps every phrasing. See docs/results/shipped-model.md (relation
     # binding). Both data choices are checked when training starts (mmdiff.training.preflight).
     text_task_phrasings: str = "all"
     # Precomputed VAE latents of train_shards (`mmdiff data latents`). When set, the DiT trains from these shards
@@ -382,6 +383,46 @@ RANGES = {
 }
 
 
+# Sanity caps on sizes, each well above the largest real model so that no real configuration meets one: an absurd
+# value (model.hidden_size=10**9) is refused with its key and cap before anything is built, not after gigabytes are
+# allocated (10**9 timesteps took 2.3 GB) or inside torch. `mmdiff.pipelines.loading` applies them to saved folders.
+SIZE_CAPS: dict[str, tuple[int, str]] = {
+    "width": (65_536, "the widest real transformers are 16 384 (Llama 3.1 405B) and 18 432 (PaLM) wide"),
+    "mlp_width": (262_144, "the widest real MLPs are 53 248 (Llama 3.1 405B) and 73 728 (PaLM) wide"),
+    "mlp_ratio": (64, "real MLPs are 4 (or 8/3) times the width"),
+    "depth": (1_024, "the deepest real transformers have 118 (PaLM) and 126 (Llama 3.1 405B) layers"),
+    "heads": (4_096, "real models have at most 128 attention heads"),
+    "vocabulary": (1_048_576, "the largest real vocabularies have 262 144 tokens (Gemma 3)"),
+    "text_length": (65_536, "diffusion models read 77 (CLIP) to 512 (T5) prompt tokens"),
+    "positions": (16_777_216, "the longest real text encoders take 10 485 760 positions (Llama 4 Scout)"),
+    "channels": (16_384, "real VAE blocks are at most 512 channels wide, U-Net blocks 1 280, latents 4 to 128"),
+    "image_size": (65_536, "real models make images of at most 4 096 pixels a side"),
+    "patch_size": (1_024, "real models use patches of 1 to 32 pixels"),
+    "timesteps": (100_000, "real noise schedules have 1 000 training steps (4 000 in improved DDPM)"),
+    "batch_size": (1_048_576, "the largest real batches, 32 768 (CLIP), are spread over hundreds of GPUs"),
+}
+# the training config's sizes, by the kind of cap that bounds them (lists: every element)
+CAPPED_KEYS = {
+    **dict.fromkeys(("data.max_length", "text_encoder.max_length", "model.null_context_length"), "text_length"),
+    **dict.fromkeys(("model.depth", "model.text_encoder_depth", "model.image_encoder_depth"), "depth"),
+    **dict.fromkeys(("vae.latent_channels", "vae.block_out_channels"), "channels"),
+    **dict.fromkeys(("vae.batch_size", "train.batch_size"), "batch_size"),
+    **{"data.image_size": "image_size", "model.patch_size": "patch_size", "model.hidden_size": "width"},
+    **{"model.num_heads": "heads", "model.mlp_ratio": "mlp_ratio", "diffusion.num_train_timesteps": "timesteps"},
+}
+
+
+def over_cap(key: str, value: Any, kind: str) -> str | None:
+    """Why `value` (a number or a list of numbers) of setting `key` exceeds the SIZE_CAPS entry `kind`, or None."""
+    cap, real = SIZE_CAPS[kind]
+    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
+    for index, item in items:
+        if isinstance(item, int | float) and not isinstance(item, bool) and not item <= cap:  # NaN fails <= too
+            where = key if index is None else f"{key}[{index}]"
+            return f"{where}={shown_number(item)} is above the sanity cap {cap}: {real}"
+    return None
+
+
 def in_interval(value: float, interval: str) -> bool:
     """Whether `value` lies in `interval`, written "[low, high)" etc. (see RANGES)."""
     low, high = (float(bound) for bound in interval[1:-1].split(","))
@@ -414,7 +455,12 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value is not None and not in_interval(value, interval):
-            raise ConfigError(f"{key}={value} is out of range: it must lie in {interval}")
+            raise ConfigError(f"{key}={shown_number(value)} is out of range: it must lie in {interval}")
+    for key, kind in CAPPED_KEYS.items():
+        section, name = key.split(".")
+        problem = over_cap(key, getattr(getattr(cfg, section), name), kind)
+        if problem:
+            raise ConfigError(problem)
     channels = cfg.vae.block_out_channels
     if not channels or any(c < 1 for c in channels):
         raise ConfigError(f"vae.block_out_channels={channels} must be a non-empty list of positive integers")

@@ -13,6 +13,7 @@ import sys
 
 from . import bench, data, demo, sample, serve, train
 from . import eval as eval_commands
+from .errors import error_line, is_input_error
 
 # (module, the subcommands it adds), in the order `mmdiff --help` lists them
 COMMANDS = (
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     module = next(module for module, names in COMMANDS if args.cmd in names)
     try:
         return module.run(args)
-    # OSError beyond FileNotFoundError too: an --out under a file, a folder given as a file, no permission
-    except (ValueError, OSError, TypeError) as err:
+    except Exception as err:
+        if not is_input_error(err):
+            raise
         command = f"{args.cmd} {args.data_cmd}" if args.cmd == "data" else args.cmd  # as argparse names it
-        print(f"mmdiff {command}: error: {err}", file=sys.stderr)
+        print(f"mmdiff {command}: error: {error_line(err)}", file=sys.stderr)
         return 2

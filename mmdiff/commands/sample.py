@@ -10,6 +10,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from ..checks import check_seed, check_text, open_image_file
 from ..eval.plots import save_grid
 
 MODEL_HELP = "a saved pipeline folder or a hub id (org/name)"
@@ -44,8 +45,7 @@ def load_pipe(cls, args):
     --compile, --quiet) and a generator seeded with --seed."""
     from ..pipelines.factory import load_pipeline, pick_device
 
-    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed accepts
-        raise ValueError(f"--seed {args.seed} is out of range: it must lie in [0, 2**64 - 1]")
+    check_seed("--seed", args.seed)
     pipe = load_pipeline(
         model_folder(args),
         cls,
@@ -56,26 +56,6 @@ def load_pipe(cls, args):
         progress=not getattr(args, "quiet", False),
     )
     return pipe, torch.Generator(pick_device(args.device)).manual_seed(args.seed)
-
-
-def open_image_file(path: str | Path) -> PIL.Image.Image:
-    """An image file, decoded in full now, so that a missing, empty, non-image or truncated file is one error naming
-    the file (FileNotFoundError or ValueError) here, not a PIL traceback from inside a pipeline later."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"{path} is not a file; give image files (.png, .jpg, ...)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"image file {path} is empty")
-    try:
-        image = PIL.Image.open(path)
-        image.load()
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image PIL can read (a text file, or a format it does not know?)") from None
-    except Exception as err:  # PIL raises many types for damaged files: OSError, SyntaxError, EOFError, ...
-        raise ValueError(f"image file {path} is damaged: {type(err).__name__}: {err}") from None
-    return image
 
 
 def check_out(out: str | Path, folder: bool) -> None:
@@ -121,7 +101,9 @@ def generate_command(args) -> int:
     from ..pipelines import MMDiffTextToImagePipeline
 
     check_out(args.out, folder=True)
-    prompts = list(args.prompt)
+    prompts = [check_text("--prompt", prompt) for prompt in args.prompt]
+    if args.negative_prompt is not None:
+        check_text("--negative-prompt", args.negative_prompt)
     if args.prompts_file:
         lines = _read_text_file(args.prompts_file, "--prompts-file").splitlines()
         if not any(line.strip() for line in lines):
@@ -145,7 +127,9 @@ def generate_command(args) -> int:
     out = Path(args.out)
     records = [{"prompt": prompts[i // args.num_images_per_prompt]} for i in range(len(images))]
     _save_images(images, out, records)
-    (out / "prompts.json").write_text(json.dumps(records, indent=1))  # the name earlier versions wrote
+    (out / "prompts.json").write_text(
+        json.dumps(records, indent=1)
+    )  # the prompts alone, for tools that read them without the images
     if args.grid:
         print(f"grid: {save_grid(images, len(prompts), out / 'grid.png')}")
     print(f"wrote {len(images)} images to {out}")
@@ -168,6 +152,9 @@ def caption_command(args) -> int:
     from ..pipelines import MMDiffImageToTextPipeline, infill_caption
 
     check_out(args.out, folder=False)
+    for option, text in (("--prompt", args.prompt), ("--template", args.template)):
+        if text is not None:
+            check_text(option, text)
     if args.prompt and args.template:
         raise ValueError("give either --prompt (a fixed prefix) or --template (blanks marked with the mask token)")
     if args.unconditional < 0 or (args.unconditional and (args.images or args.shards)):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import sys
 
+from .errors import error_line, is_input_error
 from .sample import add_model_options, model_folder
+
+AUTH_ENV = "MMDIFF_SERVE_AUTH"  # USER:PASSWORD, read when --auth is not given (argv is visible to every user in ps)
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +25,35 @@ def add_parser(subparsers) -> None:
     serve.add_argument(
         "--samples", default=None, help="shards whose first 16 images the page offers (default: the held-out sample)"
     )
+    serve.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help=f"a login for the page (Gradio's auth); default: ${AUTH_ENV} when set, else no login",
+    )
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """--auth USER:PASSWORD (or $MMDIFF_SERVE_AUTH when --auth is not given) as (user, password); None: no login."""
+    source = "--auth"
+    if value is None:
+        value, source = os.environ.get(AUTH_ENV) or None, f"${AUTH_ENV}"
+    if value is None:
+        return None
+    user, colon, password = value.partition(":")
+    if not (colon and user.strip() and password):
+        raise ValueError(f"{source} must be USER:PASSWORD, both non-empty (the password may hold ':')")
+    return user.strip(), password
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def check_port(host: str, port: int) -> None:
@@ -54,6 +87,7 @@ def run(args) -> int:
     does not load or a busy port are one `mmdiff serve: error: ...` line and status 2."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
+        auth = parse_auth(args.auth)
         check_port(args.host, args.port)  # before the model loads: a busy port fails in a moment
         from ..paths import SHIPPED_MODEL, find_repo_file
 
@@ -67,11 +101,19 @@ def run(args) -> int:
         print(f"mmdiff serve: loading {folder} ...", flush=True)
         model = load_model(folder, args.device, samples)
         demo = build_app(model)
-        address = launch(demo, args.host, args.port)
-    except (ValueError, OSError, TypeError) as err:
-        print(f"mmdiff serve: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        address = launch(demo, args.host, args.port, auth=auth)
+    except Exception as err:
+        if not is_input_error(err):
+            raise
+        print(f"mmdiff serve: error: {error_line(err)}", file=sys.stderr)
         return 2
     print(f"mmdiff serve: {model.folder} on {model.device} at {address} (Ctrl-C stops)", flush=True)
+    if auth is None and not is_loopback(args.host):
+        print(
+            f"mmdiff serve: note: the page has no login; anyone who can reach {args.host}:{args.port} can use it "
+            f"(give --auth USER:PASSWORD or set {AUTH_ENV})",
+            flush=True,
+        )
     try:
         demo.block_thread()
     except KeyboardInterrupt:

@@ -1,9 +1,10 @@
 """Data: the built-in shapes dataset, folder conversion, webdataset loading and caption tokenizers.
 
-Layout, from the ground up: ``images.py`` (image preparation), ``shards.py`` (shard lists, reading tars with bad
-records skipped and counted, record fields), ``writer.py`` (writing shards), ``latents.py`` (precomputed VAE
-latents), ``captions.py`` (caption policies), ``dataset.py`` (the batched training/evaluation stream), and the
-datasets and their policies on top: ``shapes.py``, ``folder.py``, ``policies.py``.
+Layout, from the ground up: ``images.py`` (image preparation), ``remote.py`` (http(s) shards with a read timeout and
+retries), ``shards.py`` (shard lists, reading tars with bad records skipped and counted, record fields),
+``writer.py`` (writing shards), ``latents.py`` (precomputed VAE latents), ``captions.py`` (caption policies),
+``dataset.py`` (the batched training/evaluation stream), and the datasets and their policies on top: ``shapes.py``,
+``folder.py``, ``policies.py``.
 """
 
 from mmdiff.data.captions import CaptionPolicy
@@ -11,6 +12,7 @@ from mmdiff.data.dataset import ShardDataset, collate_batch, make_dataloader
 from mmdiff.data.folder import convert_folder
 from mmdiff.data.images import prepare_image
 from mmdiff.data.policies import TEXT_TASK_PHRASINGS, caption_policy
+from mmdiff.data.remote import RemoteOptions, RemoteShardError
 from mmdiff.data.shapes import (
     LeftFirstPolicy,
     parse_caption,
@@ -34,6 +36,8 @@ __all__ = [
     "TEXT_TASK_PHRASINGS",
     "CaptionPolicy",
     "LeftFirstPolicy",
+    "RemoteOptions",
+    "RemoteShardError",
     "ShardDataset",
     "ShardSink",
     "SkipStats",

@@ -6,6 +6,8 @@ consumer's share of it (:func:`split_by_consumer`), the records of those shards 
 tar stages with bad records counted, see ``shards.py``) and a seeded shuffle buffer (:func:`buffer_shuffle`).
 Bad records never crash a run: their counts cross DataLoader worker processes inside the samples themselves (each
 sample carries the counts since the previous one) and :func:`collate_batch` sums them into ``batch["skips"]``.
+http(s) shards are read with a read timeout and bounded retries (``remote``, a :class:`RemoteOptions`): a stalled or
+dead server costs the rest of that shard (``network_error``, with a warning naming the url), never a hung run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmdiff.data.captions import CaptionPolicy
 from mmdiff.data.images import image_to_tensor, resize_center_crop
 from mmdiff.data.latents import LATENTS_EXT, read_latent_record
+from mmdiff.data.remote import RemoteOptions, RemoteShardError
 from mmdiff.data.shards import (
     SkipStats,
     expand_urls,
@@ -63,16 +66,23 @@ def split_by_consumer(sources: Iterator[dict[str, Any]], consumer: int, consumer
 
 
 @webdataset.pipelinefilter
-def shard_records(sources: Iterator[dict[str, Any]], counts: Counter[str]) -> Iterator[dict[str, Any]]:
-    """Pipeline stage: the raw records of the shards, bad ones counted into ``counts`` (see :func:`read_shard`)."""
+def shard_records(
+    sources: Iterator[dict[str, Any]],
+    counts: Counter[str],
+    remote: RemoteOptions | None = None,
+    errors: list[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: the raw records of the shards, bad ones counted into ``counts`` and network failures appended
+    to ``errors`` (see :func:`read_shard`)."""
     for source in sources:
         share = source.get("share")
         if share is None:
-            yield from read_shard(source["url"], counts)
+            yield from read_shard(source["url"], counts, remote=remote, errors=errors)
             continue
         consumer, consumers = share
-        # Every consumer reads a shared shard; only one of them reports a broken tar.
-        for index, record in enumerate(read_shard(source["url"], counts, count_tar_errors=consumer == 0)):
+        # Every consumer reads a shared shard; only one of them reports a broken, empty or unreachable shard.
+        shard = read_shard(source["url"], counts, count_tar_errors=consumer == 0, remote=remote, errors=errors)
+        for index, record in enumerate(shard):
             if index % consumers == consumer:
                 yield record
 
@@ -113,6 +123,8 @@ class ShardDataset(IterableDataset):
     A record with precomputed latents yields ``"latents"`` (and ``"latents_std"``), float32 ``(C, h, w)``, instead of
     ``"pixel_values"``; with ``latent_shape`` set, records of another shape are skipped as ``corrupt_latents``.
 
+    ``remote`` sets how http(s) shards are read (read timeout, retries, backoff; default :class:`RemoteOptions`).
+
     ``skip_batches`` resumes an endless stream: the first that many batches of ``batch_size`` that a DataLoader
     over this dataset would yield (in this process) are replayed without being built. DataLoader hands batch i to
     worker ``i % num_workers``, so each worker takes over a rotated role and skips that role's share; the replay
@@ -135,6 +147,7 @@ class ShardDataset(IterableDataset):
         skip_batches: int = 0,
         batch_size: int = 1,
         latent_shape: tuple[int, int, int] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> None:
         super().__init__()
         if caption_policy is not None and not isinstance(caption_policy, CaptionPolicy):
@@ -154,6 +167,7 @@ class ShardDataset(IterableDataset):
         self.skip_batches = skip_batches
         self.batch_size = batch_size
         self.latent_shape = latent_shape
+        self.remote = remote or RemoteOptions()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffling of a finite (repeat=False) pass; with repeat=True epochs advance by themselves."""
@@ -174,15 +188,22 @@ class ShardDataset(IterableDataset):
         return rank * workers + role, world * workers
 
     def _records(
-        self, epoch: int, consumer: int, consumers: int, counts: Counter[str], rng: random.Random
+        self,
+        epoch: int,
+        consumer: int,
+        consumers: int,
+        counts: Counter[str],
+        rng: random.Random,
+        errors: list[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """One epoch of this consumer's raw records, as a webdataset pipeline."""
+        """One epoch of this consumer's raw records, as a webdataset pipeline (shards given up for a network error
+        are appended to ``errors``)."""
         shuffle = self.shuffle_buffer > 1
         # Same shard order on every consumer, so the per-consumer slices partition the shards.
         stages = [
             webdataset.SimpleShardList(self.urls, seed=f"shards-{self.seed}-{epoch}" if shuffle else None),
             split_by_consumer(consumer, consumers),
-            shard_records(counts),
+            shard_records(counts, self.remote, errors),
         ]
         if shuffle:
             stages.append(buffer_shuffle(self.shuffle_buffer, rng))
@@ -211,12 +232,13 @@ class ShardDataset(IterableDataset):
         return image, *self.caption_policy.choose(caption, record_phrasings(attrs), rng)
 
     def _process(self, record: dict[str, Any], rng: random.Random, counts: Counter[str]) -> dict[str, Any] | None:
+        cut_before = counts["truncated"]
         selected = self._select(record, rng, counts)
         if selected is None:
             return None
         image, caption, target = selected
         ids, truncated = encode_captions(self.tokenizer, [caption], self.max_length)
-        if bool(truncated[0]):
+        if bool(truncated[0]) and counts["truncated"] == cut_before:  # a caption cut at read time counts once
             counts["truncated"] += 1
         target_ids = ids[0] if target == caption else encode_captions(self.tokenizer, [target], self.max_length)[0][0]
         sample = {"input_ids": ids[0], "target_ids": target_ids, "caption": caption, "key": record["__key__"]}
@@ -231,8 +253,8 @@ class ShardDataset(IterableDataset):
         to_skip = self._samples_to_skip()
         while True:
             rng = random.Random(f"samples-{self.seed}-{epoch}-{consumer}")
-            yielded = 0
-            for record in self._records(epoch, consumer, consumers, counts, rng):
+            yielded, network_errors = 0, []
+            for record in self._records(epoch, consumer, consumers, counts, rng, network_errors):
                 if to_skip:
                     if self._select(record, rng, counts) is not None:
                         # Counts up to a replayed sample were reported before the checkpoint; later ones are new.
@@ -250,10 +272,13 @@ class ShardDataset(IterableDataset):
             if not self.repeat:
                 break
             if yielded == 0:
-                raise RuntimeError(
-                    f"consumer {consumer}/{consumers} found no valid sample in {len(self.urls)} shard(s) "
-                    f"(skipped: {dict(counts)}); check the shards or use fewer workers"
-                )
+                found = f"consumer {consumer}/{consumers} found no valid sample in {len(self.urls)} shard(s)"
+                if network_errors:
+                    raise RemoteShardError(
+                        f"{found}: {network_errors[-1]}; check the network and the shard server "
+                        f"(skipped: {dict(counts)})"
+                    )
+                raise RuntimeError(f"{found} (skipped: {dict(counts)}); check the shards or use fewer workers")
             epoch += 1
         if counts:
             # Counts after the last sample travel in a sample-less item that collate_batch drops.
@@ -308,6 +333,7 @@ def make_dataloader(
     drop_last: bool = True,
     skip_batches: int = 0,
     latent_shape: tuple[int, int, int] | None = None,
+    remote: RemoteOptions | None = None,
 ) -> DataLoader:
     """DataLoader over :class:`ShardDataset` yielding :func:`collate_batch` batches.
 
@@ -316,7 +342,8 @@ def make_dataloader(
     n-th batch (training resumes this way). With ``repeat=False`` each worker's last batch may be short (or, with
     ``drop_last``, dropped with its skip counts). ``caption_policy`` chooses the captions of each task (default: a
     random phrasing for both; see ``policies.caption_policy`` for the configured one). ``latent_shape`` (C, h, w) is
-    the shape latent records must have.
+    the shape latent records must have. ``remote`` (a :class:`RemoteOptions`) sets the read timeout and retries of
+    http(s) shards.
     """
     if skip_batches and not repeat:
         raise ValueError("skip_batches is only defined for an endless (repeat=True) stream")
@@ -332,6 +359,7 @@ def make_dataloader(
         skip_batches=skip_batches,
         batch_size=batch_size,
         latent_shape=latent_shape,
+        remote=remote,
     )
     return DataLoader(
         dataset,

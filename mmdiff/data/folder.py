@@ -2,6 +2,13 @@
 
 ``photos/cat 1.jpg`` + ``photos/cat 1.txt`` [+ ``photos/cat 1.json``] becomes the sample ``photos/cat_1`` with the
 image bytes stored unchanged (``.jpg``), the caption as ``.txt`` and the optional attributes as ``.json``.
+
+What is packed is bounded, so that one hostile file cannot fill the shards or the memory of whoever reads them: a
+caption file over :data:`MAX_CAPTION_FILE_BYTES` or an attribute file over ``shards.MAX_JSON_BYTES``, an image file
+over :data:`MAX_IMAGE_FILE_BYTES` or one whose header gives more than ``images.MAX_IMAGE_PIXELS`` pixels (read
+without decoding it) is skipped and counted (``skipped_too_large``). Captions up to the file limit are packed whole
+and cut at read time (``shards.MAX_CAPTION_BYTES``); a file whose header PIL cannot read is packed as before and
+counted as ``corrupt_image`` by whoever reads the shards.
 """
 
 from __future__ import annotations
@@ -11,11 +18,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
+from mmdiff.data import images, shards
 from mmdiff.data.writer import ShardSink
 
 DEFAULT_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+# Far beyond any real caption (the reader keeps MAX_CAPTION_BYTES of one) or image file; module constants, read at
+# call time.
+MAX_CAPTION_FILE_BYTES = 1 << 20
+MAX_IMAGE_FILE_BYTES = 256 << 20
 
 
 def sanitize_key(relative: Path) -> str:
@@ -36,8 +49,9 @@ def convert_folder(
     """Write ``out/shard-000000.tar ...`` from every image under ``src`` (recursive, sorted) that has a caption.
 
     Images without a same-named ``.txt`` are skipped and counted, and so are files that resolve outside ``src``
-    (a symlink pointing elsewhere), so a conversion never packs files from outside the folder it was given. Returns
-    ``{"written", "skipped_no_caption", "skipped_bad_caption", "skipped_outside_src", "duplicate_keys", "shards"}``.
+    (a symlink pointing elsewhere), so a conversion never packs files from outside the folder it was given, and files
+    beyond the size limits or unreadable images (module docstring). Returns ``{"written", "skipped_no_caption",
+    "skipped_bad_caption", "skipped_outside_src", "skipped_too_large", "duplicate_keys", "shards"}``.
 
     A folder with no images, or none that can be converted (no captions, only empty ones, ...), is a ValueError that
     says what was found, raised before anything in ``out`` is written or removed.
@@ -58,6 +72,7 @@ def convert_folder(
         "skipped_no_caption": 0,
         "skipped_bad_caption": 0,
         "skipped_outside_src": 0,
+        "skipped_too_large": 0,
         "duplicate_keys": 0,
     }
     root = src.resolve()
@@ -73,6 +88,10 @@ def convert_folder(
             continue
         if not caption_path.is_file():
             stats["skipped_no_caption"] += 1
+            continue
+        problem = _file_problem(path, caption_path, json_path)
+        if problem is not None:
+            stats[problem] += 1
             continue
         caption = caption_path.read_bytes()
         try:
@@ -104,6 +123,23 @@ def convert_folder(
     return {**stats, "shards": sink.shards}
 
 
+def _file_problem(image: Path, caption: Path, attributes: Path) -> str | None:
+    """``"skipped_too_large"`` when a record's files are beyond the size limits (the image's pixels read from its
+    header, nothing decoded), else None."""
+    if caption.stat().st_size > MAX_CAPTION_FILE_BYTES or image.stat().st_size > MAX_IMAGE_FILE_BYTES:
+        return "skipped_too_large"
+    if attributes.is_file() and attributes.stat().st_size > shards.MAX_JSON_BYTES:
+        return "skipped_too_large"
+    try:
+        with image.open("rb") as fh, images.open_image_header(fh) as opened:
+            images.check_image_size(opened)  # the header only: nothing is decoded
+    except (images.ImageTooLargeError, Image.DecompressionBombError):
+        return "skipped_too_large"
+    except Exception:  # no image PIL can open (OSError, SyntaxError...): not a size problem; the reader counts it
+        pass
+    return None
+
+
 def _nothing_to_convert(num_images: int, src: Path, stats: dict[str, int]) -> str:
     """Why none of the images under `src` could be converted, with the count of each reason."""
     found = f"{num_images} image{'s' if num_images != 1 else ''} under {src}"
@@ -113,6 +149,7 @@ def _nothing_to_convert(num_images: int, src: Path, stats: dict[str, int]) -> st
         "skipped_no_caption": "without a same-named .txt caption",
         "skipped_bad_caption": "with an empty or non-UTF-8 caption",
         "skipped_outside_src": "resolving outside the folder (symlinks)",
+        "skipped_too_large": "over the size limits",
     }
     parts = [f"{stats[k]} {why}" for k, why in reasons.items() if stats[k]]
     return f"{found} but none could be converted: {', '.join(parts)}"

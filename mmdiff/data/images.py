@@ -1,12 +1,41 @@
-"""Image preparation: any PIL image to the RGB tensor training sees (decode, RGB conversion, resize, centre crop)."""
+"""Image preparation: any PIL image to the RGB tensor training sees (decode, RGB conversion, resize, centre crop).
+
+:data:`MAX_IMAGE_PIXELS` is the data path's one bound on image size, checked from the header before any pixel is
+decoded: by the training and evaluation readers (``shards.record_image``: a counted ``oversized_image`` skip) and
+by ``mmdiff data folder`` (``folder.py``: not packed). It is far under PIL's own decompression-bomb limit
+(about 179 million pixels, an error only past twice that), which let a 12000 x 12000 PNG through at +1.6 GB.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+# 8192 x 8192 (a 67-megapixel photo fits; decoded as RGB it takes 200 MB). Read at call time, so tests can lower it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header gives more than :data:`MAX_IMAGE_PIXELS` pixels (it is never decoded)."""
+
+
+def check_image_size(image: Image.Image) -> None:
+    """Raise ImageTooLargeError when an opened (not yet decoded) image has more than :data:`MAX_IMAGE_PIXELS`."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(f"{width}x{height} is over the data limit of {MAX_IMAGE_PIXELS} pixels")
+
+
+def open_image_header(data) -> Image.Image:
+    """Open image bytes or a file (its header only, nothing decoded) without PIL's decompression-bomb warning, which
+    :func:`check_image_size` supersedes with a lower limit; PIL's DecompressionBombError (far larger) still raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -30,8 +59,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so corruption raises here, not later) and convert to RGB."""
-    image = Image.open(io.BytesIO(data))
+    """Decode image bytes fully (so corruption raises here, not later) and convert to RGB; an image over
+    :data:`MAX_IMAGE_PIXELS` raises ImageTooLargeError from its header, before it is decoded."""
+    image = open_image_header(data)
+    check_image_size(image)
     image.load()
     return to_rgb(image)
 

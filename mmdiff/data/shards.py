@@ -7,9 +7,14 @@ webdataset's own tar stages: ``tariterators.tar_file_expander`` turns the tar st
 up to the first dot of the file name); their handlers count what goes wrong instead of raising. Bad records never
 crash a run: they are skipped and counted by reason (:data:`SKIP_REASONS`, accumulated in :class:`SkipStats`).
 
-Two things webdataset does not do are added around its stages: member names that would escape an extraction
-folder are skipped and counted (``select_files``), and a shard whose tar ends anywhere but at its end-of-archive
-block counts as broken (:class:`_BlockReader`), its last, possibly incomplete record dropped.
+Things webdataset does not do are added around its stages: member names that would escape an extraction folder are
+skipped and counted (``select_files``); a shard whose tar ends anywhere but at its end-of-archive block counts as
+broken (:class:`_BlockReader`), its last, possibly incomplete record dropped; a shard with no file at all (a 0-byte
+file, a tar of only end blocks) is counted as ``empty_shard``; http(s) shards are read with a read timeout and a
+bounded retry (``remote.py``), and one that fails for good is a counted ``network_error`` that ends the shard, with a
+warning naming the url and the error. Captions are cut to :data:`MAX_CAPTION_BYTES` at read time (counted as
+``truncated``) and images larger than ``images.MAX_IMAGE_PIXELS`` are skipped before they are decoded
+(``oversized_image``), so no single record can take a process's memory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,14 +34,20 @@ import webdataset
 from PIL import Image
 from webdataset import tariterators
 
-from mmdiff.data.images import decode_image
+from mmdiff.data.images import ImageTooLargeError, decode_image
+from mmdiff.data.remote import HttpShard, RemoteOptions, RemoteShardError, is_http_url
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "image")
 CAPTION_EXTS = ("txt", "caption", "text")
 SKIP_REASONS = tuple(
     "corrupt_image corrupt_tar bad_utf8 empty_caption no_image no_caption bad_json truncated unsafe_name "
-    "corrupt_latents".split()
+    "corrupt_latents network_error oversized_image empty_shard".split()
 )
+# Bytes of a caption kept at read time (the rest is cut at a word boundary and the record counted as "truncated"):
+# far more than any max_length needs, small enough that a hostile 50 MB caption costs nothing to tokenize.
+MAX_CAPTION_BYTES = 4096
+# A record's attribute json larger than this is ignored and counted as bad_json (its phrasings would be tokenized).
+MAX_JSON_BYTES = 1 << 20
 # What reading a broken shard raises; anything else (a bug, MemoryError) is not a bad shard and propagates.
 TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 _BRACE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -125,9 +137,12 @@ def is_unsafe_member_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":") or "\0" in name
 
 
-def open_shard(url: str):
-    """A binary stream of a shard: local paths are opened as files (whatever characters they hold), remote urls
-    (``pipe:``, ``http://``...) by :func:`webdataset.gopen`."""
+def open_shard(url: str, remote: RemoteOptions | None = None):
+    """A binary stream of a shard: local paths are opened as files (whatever characters they hold), http(s) urls by
+    :class:`~mmdiff.data.remote.HttpShard` (a read timeout and bounded retries, ``remote``), other remote urls
+    (``pipe:``, ``s3://``...) by :func:`webdataset.gopen`."""
+    if is_http_url(url):
+        return HttpShard(url, remote)
     return webdataset.gopen(url, "rb") if REMOTE_RE.match(url) else open(url, "rb")
 
 
@@ -144,16 +159,20 @@ class _BlockReader:
         self.stream = stream
         self.compressed: bool | None = None
         self.last = b""
+        self.bytes_read = 0
 
     def read(self, size: int = -1) -> bytes:
         if self.compressed:
-            return self.stream.read(size)
+            data = self.stream.read(size)
+            self.bytes_read += len(data)
+            return data
         block = self.stream.read(_BLOCK)
         while block and len(block) < _BLOCK:  # a pipe may return less before its end
             more = self.stream.read(_BLOCK - len(block))
             if not more:
                 break
             block += more
+        self.bytes_read += len(block)
         if self.compressed is None:  # the magic numbers tarfile's "r|*" mode detects
             bz2 = block[:3] == b"BZh" and block[4:10] == b"1AY&SY"
             self.compressed = bz2 or block.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ"))
@@ -173,11 +192,25 @@ def _keep_first_member(exn: Exception) -> bool:
     raise exn
 
 
-def read_shard(url: str, counts: Counter[str], count_tar_errors: bool = True) -> Iterator[dict[str, Any]]:
-    """Yield the raw records ``{"__key__", "__url__", ext: bytes}`` of one shard; a broken tar ends it, counted once
-    as ``corrupt_tar`` (unless ``count_tar_errors`` is false), and member names that would escape an extraction
-    folder are skipped and counted as ``unsafe_name``."""
+def read_shard(
+    url: str,
+    counts: Counter[str],
+    count_tar_errors: bool = True,
+    remote: RemoteOptions | None = None,
+    errors: list[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the raw records ``{"__key__", "__url__", ext: bytes}`` of one shard; bad shards are counted once each.
+
+    A broken tar ends the shard, counted as ``corrupt_tar``; an http(s) shard whose server stalls or fails for good
+    (after the timeout and retries of ``remote``) ends it as ``network_error``, with a warning naming the url and the
+    error (also appended to ``errors``); a shard with no file at all counts as ``empty_shard``. The shard-level
+    counts are left out when ``count_tar_errors`` is false (a shard read by several consumers reports them once).
+    Member names that would escape an extraction folder are skipped and counted as ``unsafe_name``.
+    """
     broken = ended = False
+    stream: _BlockReader | None = None
+    network: str | None = None
+    seen = 0  # file members of the tar, bad names included
 
     def on_tar_error(exn: Exception) -> bool:
         nonlocal broken
@@ -187,6 +220,8 @@ def read_shard(url: str, counts: Counter[str], count_tar_errors: bool = True) ->
         return False  # stop reading this shard
 
     def select(name: str) -> bool:
+        nonlocal seen
+        seen += 1
         if is_unsafe_member_name(name):
             # Keys name output files downstream (sample folders, conversions): never let one escape.
             counts["unsafe_name"] += 1
@@ -202,7 +237,7 @@ def read_shard(url: str, counts: Counter[str], count_tar_errors: bool = True) ->
         ended = True
 
     try:
-        with open_shard(url) as raw:
+        with open_shard(url, remote) as raw:
             stream = _BlockReader(raw)
             for record in tariterators.group_by_keys(files(stream), handler=_keep_first_member):
                 if ended and (broken or not stream.complete):
@@ -211,19 +246,67 @@ def read_shard(url: str, counts: Counter[str], count_tar_errors: bool = True) ->
                     break
                 yield record
             broken = broken or not stream.complete
+            # tarfile may swallow the stream's error and just stop: the stream itself says why it gave up.
+            network = getattr(raw, "failure", None)
+    except RemoteShardError as err:  # the server could not be reached (or failed on closing)
+        network = str(err)
     except OSError:  # opening or closing the shard (a missing file, a failed pipe command)
         broken = True
-    if broken and count_tar_errors:
+    if not count_tar_errors:
+        return
+    if network is not None:
+        counts["network_error"] += 1
+        if errors is not None:
+            errors.append(network)
+        warnings.warn(f"{network}; the rest of the shard is skipped (counted as network_error)", RuntimeWarning, 2)
+    elif stream is not None and not seen and (stream.bytes_read == 0 or not broken):
+        counts["empty_shard"] += 1
+    elif broken:
         counts["corrupt_tar"] += 1
 
 
+def cap_caption_bytes(raw: bytes, limit: int | None = None) -> tuple[bytes, bool]:
+    """(the first ``limit`` bytes of a caption at most, whether it was cut); default limit :data:`MAX_CAPTION_BYTES`.
+
+    The cut falls at the last whitespace within the limit, so no word is split; a caption without one is cut at the
+    start of a UTF-8 character, so a multi-byte character cut in half never reads as bad UTF-8.
+    """
+    limit = MAX_CAPTION_BYTES if limit is None else limit
+    if len(raw) <= limit:
+        return raw, False
+    head = raw[:limit]
+    if raw[limit : limit + 1].isspace() and head.strip():  # the limit falls between two words
+        return head.rstrip(), True
+    space = max(head.rfind(c) for c in (b" ", b"\t", b"\n", b"\r"))
+    if space > 0 and head[:space].strip():
+        return head[:space], True
+    end = limit
+    while end > 0 and raw[end] & 0xC0 == 0x80:  # a continuation byte: the character began before the cut
+        end -= 1
+    return raw[:end], True
+
+
+def _cap_text(text: str) -> str:
+    """A caption string cut as :func:`cap_caption_bytes` cuts bytes (phrasings and captions from the json)."""
+    if len(text) <= MAX_CAPTION_BYTES // 4:  # no character takes more than 4 bytes in UTF-8
+        return text
+    return cap_caption_bytes(text.encode("utf-8"))[0].decode("utf-8")
+
+
 def record_caption(record: dict[str, Any], counts: Counter[str]) -> tuple[str, dict[str, Any] | None] | None:
-    """(caption from txt, attributes from json) of a record, or None (counted) when it has no usable caption."""
+    """(caption from txt, attributes from json) of a record, or None (counted) when it has no usable caption.
+
+    A caption over :data:`MAX_CAPTION_BYTES` is cut there (:func:`cap_caption_bytes`) and counted as ``truncated``
+    before it is decoded, so an enormous one costs nothing downstream; an attribute json over
+    :data:`MAX_JSON_BYTES` is not parsed (``bad_json``).
+    """
     attrs = None
     if "json" in record:
         try:
+            if len(record["json"]) > MAX_JSON_BYTES:
+                raise ValueError("attribute json too large")
             attrs = json.loads(record["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError):  # json.JSONDecodeError is a ValueError
             counts["bad_json"] += 1
         if not isinstance(attrs, dict):
             attrs = None
@@ -232,11 +315,12 @@ def record_caption(record: dict[str, Any], counts: Counter[str]) -> tuple[str, d
         # Attribute files written by the shapes generator carry the caption too.
         canonical = attrs.get("canonical") if attrs else None
         if isinstance(canonical, str) and canonical.strip():
-            return " ".join(canonical.split()), attrs
+            return " ".join(_cap_text(canonical).split()), attrs
         counts["no_caption"] += 1
         return None
+    raw, cut = cap_caption_bytes(record[ext])
     try:
-        caption = record[ext].decode("utf-8")
+        caption = raw.decode("utf-8")
     except UnicodeDecodeError:
         counts["bad_utf8"] += 1
         return None
@@ -244,41 +328,49 @@ def record_caption(record: dict[str, Any], counts: Counter[str]) -> tuple[str, d
     if not caption:
         counts["empty_caption"] += 1
         return None
+    if cut:
+        counts["truncated"] += 1
     return caption, attrs
 
 
 def record_phrasings(attrs: dict[str, Any] | None) -> list[str]:
-    """The alternative phrasings of a record's caption: its attributes' ``"captions"`` list, whitespace-normalised."""
+    """The alternative phrasings of a record's caption: its attributes' ``"captions"`` list, whitespace-normalised
+    and each cut to :data:`MAX_CAPTION_BYTES`."""
     captions = attrs.get("captions") if attrs else None
     if not isinstance(captions, list):
         return []
-    return [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()]
+    return [" ".join(_cap_text(c).split()) for c in captions if isinstance(c, str) and c.strip()]
 
 
 def record_image(record: dict[str, Any], counts: Counter[str]) -> Image.Image | None:
-    """The decoded RGB image of a record, or None (counted as ``no_image`` / ``corrupt_image``)."""
+    """The decoded RGB image of a record, or None (counted as ``no_image`` / ``corrupt_image``, or
+    ``oversized_image`` when its header gives more than ``images.MAX_IMAGE_PIXELS``: checked before decoding)."""
     ext = next((e for e in IMAGE_EXTS if e in record), None)
     if ext is None:
         counts["no_image"] += 1
         return None
     try:
         return decode_image(record[ext])
+    except (ImageTooLargeError, Image.DecompressionBombError):
+        counts["oversized_image"] += 1
+        return None
     except Exception:
-        # PIL raises many exception types for bad bytes (OSError, SyntaxError, ValueError, DecompressionBombError...).
+        # PIL raises many exception types for bad bytes (OSError, SyntaxError, ValueError...).
         counts["corrupt_image"] += 1
         return None
 
 
 def iterate_records(
-    urls: str | list[str], stats: SkipStats | None = None, decode: bool = True
+    urls: str | list[str], stats: SkipStats | None = None, decode: bool = True, remote: RemoteOptions | None = None
 ) -> Iterator[tuple[str, Image.Image | None, str, dict[str, Any] | None]]:
     """Yield ``(key, RGB image at its own size, txt caption, attributes or None)`` in shard order, for evaluation.
 
     Bad records are skipped and counted into ``stats``. With ``decode=False`` the image is None (not even checked).
+    ``remote``: how http(s) shards are read (timeout, retries; see ``remote.py``).
     """
     for url in expand_urls(urls):
         counts: Counter[str] = Counter()
-        for record in read_shard(url, counts):
+        for record in read_shard(url, counts, remote=remote):
             text = record_caption(record, counts)
             if text is None:
                 continue
@@ -293,10 +385,13 @@ def iterate_records(
             stats.accumulate(counts)
 
 
-def read_captions(urls: str | list[str], stats: SkipStats | None = None) -> list[str]:
-    """All captions of the shards: each txt plus every phrasing in a json "captions" list (images not decoded)."""
+def read_captions(
+    urls: str | list[str], stats: SkipStats | None = None, remote: RemoteOptions | None = None
+) -> list[str]:
+    """All captions of the shards: each txt plus every phrasing in a json "captions" list (images not decoded), each
+    cut to :data:`MAX_CAPTION_BYTES`."""
     captions: list[str] = []
-    for _key, _image, caption, attrs in iterate_records(urls, stats=stats, decode=False):
+    for _key, _image, caption, attrs in iterate_records(urls, stats=stats, decode=False, remote=remote):
         captions.append(caption)
         captions.extend(record_phrasings(attrs))
     return captions

@@ -34,6 +34,8 @@ def train_word_level_tokenizer(captions: Iterable[str], min_frequency: int = 1) 
     """Word-level tokenizer trained on ``captions``: lowercased words and punctuation marks are the tokens.
 
     Ids 0, 1, 2 are "[PAD]", "[MASK]", "[UNK]"; words seen fewer than ``min_frequency`` times map to "[UNK]".
+    Captions that give no word at all (none, or none seen often enough) are a ValueError: a tokenizer of only its
+    special tokens would turn every caption into "[UNK]"s and train a model on nothing.
     """
     tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -44,6 +46,9 @@ def train_word_level_tokenizer(captions: Iterable[str], min_frequency: int = 1) 
         special_tokens=[PAD_TOKEN, MASK_TOKEN, UNK_TOKEN], min_frequency=min_frequency, show_progress=False
     )
     tok.train_from_iterator((c for c in captions), trainer=trainer)
+    if tok.get_vocab_size() <= 3:
+        seen = f" seen at least {min_frequency} times" if min_frequency > 1 else ""
+        raise ValueError(f"the captions hold no word{seen}: a word-level tokenizer needs a vocabulary to train on")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD_TOKEN, mask_token=MASK_TOKEN, unk_token=UNK_TOKEN
     )
@@ -155,14 +160,18 @@ def encode_captions(
 ) -> tuple[torch.LongTensor, torch.BoolTensor]:
     """Encode without BOS/EOS, truncate to ``max_length`` and right-pad with exactly the pad id.
 
-    Returns ids of shape (N, max_length) and a (N,) flag telling which captions were truncated.
+    Returns ids of shape (N, max_length) and a (N,) flag telling which captions were truncated. The tokenizer itself
+    truncates (to one token past ``max_length``, which tells a truncated caption from one that fits), so a long
+    caption's ids are never all kept; the data readers also cut captions to ``shards.MAX_CAPTION_BYTES`` first.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("tokenizer has no pad token; call ensure_special_tokens first")
-    encoded = tokenizer(list(captions), add_special_tokens=False, padding=False, truncation=False)["input_ids"]
+    encoded = tokenizer(
+        list(captions), add_special_tokens=False, padding=False, truncation=True, max_length=max_length + 1
+    )["input_ids"]
     ids = torch.full((len(encoded), max_length), pad_id, dtype=torch.long)
     truncated = torch.zeros(len(encoded), dtype=torch.bool)
     for row, seq in enumerate(encoded):

@@ -4,6 +4,11 @@ diffusers alone loads a transformer whose config has one block more than its wei
 weights, reports a truncated file without saying which component it belongs to, and would fall back to pickled
 `.bin` weights. `check_pipeline_folder` runs before diffusers and turns each of these into a `PipelineLoadError`.
 
+Nothing a folder claims is allocated before it is checked: every component's config is read as JSON and its sizes
+held against `mmdiff.config.SIZE_CAPS` (a transformer 10**9 wide, a scheduler of 10**9 timesteps) before any class
+is built from it, models are built on the meta device, and the weights files together must fit in this machine's
+memory (a sparse 16 GB file of holes claims what it cannot hold).
+
 A folder never chooses the code that loads it: diffusers imports whatever module a model_index.json entry
 [library, class_name] names (a downloaded folder naming its own `payload.py` would run it). Every entry is resolved
 here by name first, against diffusers' and transformers' own classes and a fixed table of mmdiff's, and anything else
@@ -20,7 +25,33 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from ..config import over_cap
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# the config files of a component folder whose sizes are checked (a tokenizer's tokenizer_config.json holds no sizes;
+# its model_max_length is 10**30 by design)
+CONFIG_FILES = ("config.json", "scheduler_config.json")
+# A config is a few KB: anything far bigger is not one, and is not read into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+# The keys of diffusers, transformers and mmdiff component configs that size what gets built, by the kind of
+# `mmdiff.config.SIZE_CAPS` entry that bounds them; checked at any depth (transformers nests text_config, ...).
+FOLDER_CAPPED_KEYS = {
+    **dict.fromkeys(("hidden_size", "d_model", "external_text_dim", "projection_dim", "cross_attention_dim"), "width"),
+    **dict.fromkeys(("intermediate_size", "d_ff"), "mlp_width"),
+    "mlp_ratio": "mlp_ratio",
+    **dict.fromkeys(
+        ("depth", "text_encoder_depth", "image_encoder_depth", "num_hidden_layers", "num_layers", "layers_per_block"),
+        "depth",
+    ),
+    **dict.fromkeys(("num_heads", "num_attention_heads"), "heads"),
+    "vocab_size": "vocabulary",
+    **dict.fromkeys(("max_text_length", "null_context_length"), "text_length"),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), "positions"),
+    **dict.fromkeys(("block_out_channels", "latent_channels", "in_channels", "out_channels"), "channels"),
+    "sample_size": "image_size",
+    "patch_size": "patch_size",
+    "num_train_timesteps": "timesteps",
+}
 
 
 class PipelineLoadError(ValueError):
@@ -123,6 +154,70 @@ def check_model_index(index: dict) -> dict[str, type]:
     return classes
 
 
+def read_json_file(path: Path, what: str = "") -> dict:
+    """A small JSON object file (a config, model_index.json); one that is huge, not JSON or not an object is a
+    `PipelineLoadError` naming the file (after `what`, the component, when given), and a huge one is never read."""
+    where = f"{what}: {path}" if what else str(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise PipelineLoadError(
+            f"{where} is {size:,} bytes, not a config (those are a few KB; the limit is {MAX_CONFIG_BYTES:,})"
+        )
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise PipelineLoadError(f"{where} is not UTF-8 text (byte {err.start})") from None
+    except ValueError as err:  # json.JSONDecodeError, and an integer of more than 4300 digits
+        raise PipelineLoadError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise PipelineLoadError(f"{where} is not a JSON object")
+    return data
+
+
+def check_config_sizes(what: str, path: Path, config: dict, prefix: str = "") -> None:
+    """Refuse a component config whose sizes (`FOLDER_CAPPED_KEYS`, at any depth) are negative or above their
+    `SIZE_CAPS` entry, before anything is built from it; the error names the file, the key and the cap."""
+    for key, value in config.items():
+        path_key = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_config_sizes(what, path, value, f"{path_key}.")
+            continue
+        kind = FOLDER_CAPPED_KEYS.get(key)
+        if kind is None:
+            continue
+        items = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, int | float) and not isinstance(v, bool) and v < 0 for v in items):
+            raise PipelineLoadError(f"{what}: {path_key}={value} is a size below 0 (in {path})")
+        problem = over_cap(path_key, value, kind)
+        if problem:
+            raise PipelineLoadError(f"{what}: {problem} (in {path})")
+
+
+def memory_bytes() -> int | None:
+    """This machine's memory, RAM and swap together (None when psutil cannot tell): the most a load can hold."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total + psutil.swap_memory().total)
+    except Exception:  # no psutil, or a platform where it cannot read the figures: no check
+        return None
+
+
+def _check_weights_fit(root: Path, files: list[Path]) -> None:
+    """The weights files together must fit in memory: diffusers and transformers read every tensor into RAM, so a
+    folder claiming more (a sparse file of holes whose header claims 16 GB) is refused here, not with a
+    MemoryError part way through loading."""
+    total = sum(path.stat().st_size for path in files)
+    available = memory_bytes()
+    if available is not None and total > available:
+        largest = max(files, key=lambda path: path.stat().st_size)
+        raise PipelineLoadError(
+            f"pipeline folder {root}: its weights files take {total / 2**30:.1f} GiB ({largest} alone "
+            f"{largest.stat().st_size / 2**30:.1f} GiB), more than this machine's {available / 2**30:.1f} GiB of "
+            "memory (RAM and swap); a damaged or hostile file, or a model too large for this machine"
+        )
+
+
 def _safetensors_shapes(name: str, folder: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape over every safetensors file of a component; refuses pickles and damaged files."""
     files = sorted(folder.glob("*.safetensors"))
@@ -147,18 +242,21 @@ def _safetensors_shapes(name: str, folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_model_weights(name: str, folder: Path, model_class) -> None:
-    """Build the component from its config on the meta device and compare every parameter name and shape."""
+def _check_model_weights(name: str, folder: Path, model_class, config: dict | None) -> None:
+    """Build the component from its config (already read and size-checked) on the meta device, where no tensor is
+    allocated (torch's meta device for the tensors an __init__ makes, accelerate's for the parameters it registers),
+    and compare every parameter name and shape."""
+    import torch
     from accelerate import init_empty_weights
 
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if config is None:
         raise PipelineLoadError(f"component {name!r}: {config_path} is missing")
     try:
-        config = json.loads(config_path.read_text())
-        with init_empty_weights():
+        with torch.device("meta"), init_empty_weights():
             model = model_class.from_config(config)
-    except (ValueError, TypeError, json.JSONDecodeError) as err:
+    # RuntimeError: torch's own refusals of the shapes a config asks for (a size of 0 where one is needed, ...)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as err:
         raise PipelineLoadError(f"component {name!r}: config {config_path} is invalid: {err}") from err
     expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     stored = _safetensors_shapes(name, folder)
@@ -194,23 +292,28 @@ def check_pipeline_folder(path: str | os.PathLike, components: dict[str, object]
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise PipelineLoadError(f"{root} is not a saved pipeline: model_index.json is missing")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PipelineLoadError(f"{index_path} is not valid JSON: {err}") from err
-    if not isinstance(index, dict):
-        raise PipelineLoadError(f"{index_path} is not a JSON object of components")
+    index = read_json_file(index_path)
     classes = check_model_index(index)  # before anything else: nothing the folder names is imported unchecked
-    for name, model_class in classes.items():
-        if components and name in components:
-            continue
+    checked = {name: model_class for name, model_class in classes.items() if not (components and name in components)}
+    configs: dict[str, dict | None] = {}
+    for name in checked:
         folder = root / name
         if not folder.is_dir():
             raise PipelineLoadError(
                 f"component {name!r} ({index[name][1]}) is listed in model_index.json but {folder} is missing"
             )
+        configs[name] = None
+        for file_name in CONFIG_FILES:  # every config's sizes, before anything is built or read from the weights
+            config_path = folder / file_name
+            if config_path.is_file():
+                config = read_json_file(config_path, f"component {name!r}")
+                check_config_sizes(f"component {name!r}", config_path, config)
+                configs[name] = config if file_name == "config.json" else configs[name]
+    _check_weights_fit(root, [path for name in checked for path in sorted((root / name).glob("*.safetensors"))])
+    for name, model_class in checked.items():
+        folder = root / name
         if issubclass(model_class, ModelMixin):
-            _check_model_weights(name, folder, model_class)
+            _check_model_weights(name, folder, model_class, configs[name])
         elif any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()) or any(folder.glob("*.safetensors")):
             _safetensors_shapes(name, folder)  # other weighted components (a frozen text encoder): files only
 

@@ -2,14 +2,18 @@
 
 `ServeModel` holds both pipelines over one set of components, loaded once, and a lock: the model runs one request
 at a time (the page stays responsive; Gradio's queue holds the others). Every handler checks its input first and
-raises the pipeline's own one-line ValueError / TypeError for bad input; the page shows that line.
+raises the pipeline's own one-line ValueError / TypeError for bad input; the page shows that line. Text fields are
+capped in length and refused when they hold what no tokenizer reads as text (control characters, lone surrogates);
+a prompt longer than the model reads is sampled from its first tokens, and the result says so (`prompt_cut`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from ..checks import check_text, shown_number
 from ..diffusion.masked import REMASKING, SAMPLERS
 from ..pipelines import MMDiffTextToImagePipeline, as_image_to_text
 from ..pipelines.schedulers import make_scheduler, scheduler_names
@@ -27,6 +32,11 @@ MAX_SCALES = 12  # guidance scales per sweep
 MAX_STEPS = 200  # denoising steps per request
 MAX_CAPTIONS = 16  # unconditional captions per request
 MAX_PIXELS = 4096 * 4096  # uploads above this are refused before they are decoded
+MAX_SEED = 2**63 - 1
+# Characters a text field takes: T5, the encoder that reads the longest prompts mmdiff loads, reads 512 tokens, about
+# 2 000 characters of English; the shapes model reads 16 tokens. Longer input is refused, not echoed back whole.
+MAX_PROMPT_CHARS = 2_000
+MAX_SCALES_CHARS = 1_000  # the sweep's list of at most MAX_SCALES numbers
 SAVED = "as saved"  # the scheduler choice that keeps the folder's own scheduler
 
 # Progress reports (done, total) -> None; the page passes gr.Progress, tests pass nothing.
@@ -87,7 +97,7 @@ class ServeModel:
         return self.t2i.tokenizer.mask_token
 
     def generator(self, seed: Any) -> torch.Generator:
-        seed = _integer("seed", seed, 0, 2**63 - 1)
+        seed = _integer("seed", seed, 0, MAX_SEED)
         return torch.Generator(self.device).manual_seed(seed)
 
     def use_scheduler(self, name: str | None) -> str:
@@ -118,17 +128,27 @@ def read_samples(spec: str | Path, count: int = 16) -> list[tuple[str, PIL.Image
 # ------------------------------------------------------------------ checks
 
 
+def _shown(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else shown_number(value)
+
+
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value:g}")
+    try:
+        inside = math.isfinite(value) and low <= value <= high
+    except OverflowError:  # an int too large for a float (a seed of 10**400)
+        inside = False
+    if not inside:
+        raise ValueError(f"{name} must lie in [{_shown(low)}, {_shown(high)}], got {_shown(value)}")
     return float(value)
 
 
 def _integer(name: str, value: Any, low: int, high: int) -> int:
     number = _number(name, value, low, high)
-    if number != int(number):
+    if isinstance(value, numbers.Integral):
+        return int(value)  # as given: a float would round seeds above 2**53
+    if not number.is_integer():
         raise ValueError(f"{name} must be a whole number, got {value}")
     return int(number)
 
@@ -146,6 +166,8 @@ def parse_scales(text: Any) -> list[float]:
     """'1, 2, 3.5' -> [1.0, 2.0, 3.5]; commas or spaces between numbers."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("guidance scales: give a list of numbers, e.g. 1, 2, 3, 5")
+    if len(text) > MAX_SCALES_CHARS:
+        raise ValueError(f"guidance scales: at most {MAX_SCALES_CHARS:,} characters, got {len(text):,}")
     scales = []
     for part in text.replace(",", " ").split():
         try:
@@ -157,13 +179,42 @@ def parse_scales(text: Any) -> list[float]:
     return [_number("guidance scale", w, 0, 100) for w in scales]
 
 
+def field_text(name: str, text: Any, limit: int = MAX_PROMPT_CHARS) -> str:
+    """A text field, stripped ('' for None), checked by `mmdiff.checks.check_text` (length, control characters, lone
+    surrogates)."""
+    return "" if text is None else check_text(name, text, limit).strip()
+
+
 def check_prompt(prompt: Any, unconditional: bool) -> str:
-    """The prompt, stripped; '' only when unconditional samples were asked for."""
+    """The prompt, stripped (`field_text`); '' only when unconditional samples were asked for. A prompt with nothing
+    visible in it (spaces, zero-width characters) is empty."""
     if unconditional:
         return ""
-    if not isinstance(prompt, str) or not prompt.strip():
+    text = field_text("the prompt", prompt)
+    if not any(unicodedata.category(char)[0] not in "ZC" for char in text):
         raise ValueError("the prompt is empty: type a caption, or tick 'unconditional' for samples of p(image)")
-    return prompt.strip()
+    return text
+
+
+def prompt_cut(model: ServeModel, prompt: str, what: str = "the prompt") -> str | None:
+    """None when the model reads all of `prompt`; otherwise a line saying that it was cut to the tokens the text
+    encoder reads (the joint encoder: the transformer's max_text_length; a frozen one: its own budget) and what
+    those tokens say."""
+    pipe = model.t2i
+    if not prompt:
+        return None
+    if pipe.text_encoder is not None:
+        from ..data.tokenizer import clip_bpe_tokenizer
+
+        tokenizer, limit = pipe.text_encoder_tokenizer or clip_bpe_tokenizer(), pipe.frozen_max_length
+        ids = tokenizer(prompt, truncation=False, verbose=False)["input_ids"]  # with BOS/EOS, as the encoder reads it
+    else:
+        tokenizer, limit = pipe.tokenizer, model.caption_length
+        ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    if len(ids) <= limit:
+        return None
+    read = tokenizer.decode(ids[:limit], skip_special_tokens=True).strip()
+    return f"{what} was cut: the model reads its first {limit} of {len(ids)} tokens, {read!r}"
 
 
 def read_image_file(path: Any) -> PIL.Image.Image:
@@ -171,11 +222,15 @@ def read_image_file(path: Any) -> PIL.Image.Image:
     if not isinstance(path, str | Path):
         raise TypeError(f"expected an uploaded file, got {type(path).__name__}")
     name = Path(path).name
+    if not Path(path).is_file():
+        raise ValueError(f"{name} is no longer on the server (old uploads are deleted): upload it again")
     try:
         image = PIL.Image.open(path)
     except PIL.UnidentifiedImageError:
         raise ValueError(f"{name} is not an image (upload a .png, .jpg, .webp, ... file)") from None
-    except (OSError, ValueError) as err:  # PIL's own DecompressionBombError above its limit is a ValueError
+    except PIL.Image.DecompressionBombError as err:  # its header claims over twice PIL's limit (an Exception)
+        raise ValueError(f"{name} is too large ({err}); the limit is {MAX_PIXELS:,} pixels") from None
+    except (OSError, ValueError) as err:
         raise ValueError(f"{name} cannot be read as an image: {err}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -215,9 +270,10 @@ def generate(
     unconditional: bool = False,
     progress: Progress = None,
 ) -> tuple[list[tuple[PIL.Image.Image, str]], dict[str, Any]]:
-    """Images for one prompt: [(image, label)] for the gallery and the settings that made them."""
+    """Images for one prompt: [(image, label)] for the gallery and the settings that made them (with `prompt_cut`
+    / `negative_prompt_cut` lines when the model read only the first tokens)."""
     prompt = check_prompt(prompt, unconditional)
-    negative = negative_prompt.strip() if isinstance(negative_prompt, str) and negative_prompt.strip() else None
+    negative = field_text("the negative prompt", negative_prompt) or None
     scale = _number("guidance scale", guidance_scale, 0, 100)
     steps = _integer("steps", steps, 1, MAX_STEPS)
     count = _integer("number of images", num_images, 1, MAX_IMAGES)
@@ -249,6 +305,10 @@ def generate(
         "num_images": count,
         "size": list(images[0].size),
     }
+    for key, text, what in (("prompt_cut", prompt, "the prompt"), ("negative_prompt_cut", negative, "the negative")):
+        cut = prompt_cut(model, text or "", what)
+        if cut:
+            settings[key] = cut
     return [(image, f"seed {int(seed)} · #{i} · w = {scale:g}") for i, image in enumerate(images)], settings
 
 
@@ -307,6 +367,7 @@ def sweep(
     header = ["guidance scale"]
     rows: list[list[Any]] = []
     note = "no benchmark reads this prompt: images only (the shapes benchmark reads shapes captions)"
+    cut = prompt_cut(model, prompt)
     for w, group in zip(out.guidance_scales, out.images):
         scores = benchmark_scores(model, prompt, list(group), int(seed))
         row: list[Any] = [w]
@@ -316,7 +377,7 @@ def sweep(
             row += [round(float(scores[k]), 3) for k in keys]
             note = f"scores from the {scores['benchmark']} benchmark (fraction of the {per_scale} image(s) per scale)"
         rows.append(row)
-    return gallery, rows, header, note
+    return gallery, rows, header, f"{note}; {cut}" if cut else note
 
 
 # ------------------------------------------------------------------ image -> text
@@ -349,7 +410,7 @@ def caption(
     schedule = sampler == "schedule"
     sampling = {"sampler": sampler} | ({"num_inference_steps": steps, "remasking": remasking} if schedule else {})
     temperature = _number("temperature", temperature, 0, 10)
-    prompt = fixed_words.strip() if isinstance(fixed_words, str) and fixed_words.strip() else None
+    prompt = field_text("the prefix or template", fixed_words) or None
     if unconditional:
         image, num, source = None, _integer("unconditional captions", num_unconditional, 1, MAX_CAPTIONS), "p(text)"
     elif image_file:

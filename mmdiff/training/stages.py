@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from ..config import Config, ModelConfig
 from ..data.dataset import make_dataloader
-from ..data.shards import expand_urls, read_captions
+from ..data.shards import SkipStats, expand_urls, read_captions
 from ..data.tokenizer import build_tokenizer, load_tokenizer
 from ..hub import resolve_pretrained
 from ..models.text_encoders import load_frozen_text_encoder
@@ -24,11 +24,21 @@ from .vae_trainer import train_vae
 
 
 def prepare_tokenizer(cfg: Config, out: Path, accelerator: Accelerator):
-    """The caption tokenizer in `out/tokenizer`, built on the main process on first use."""
+    """The caption tokenizer in `out/tokenizer`, built on the main process on first use. A word tokenizer is trained
+    on the captions of `data.train_shards`; shards that give none (empty tars, no usable caption) are refused with
+    one line naming them and what was skipped, rather than a tokenizer of special tokens only."""
     folder = out / "tokenizer"
     if not folder.is_dir():
         if accelerator.is_main_process:
-            captions = read_captions(expand_urls(cfg.data.train_shards)) if cfg.tokenizer.kind == "word" else None
+            captions = None
+            if cfg.tokenizer.kind == "word":
+                urls, stats = expand_urls(cfg.data.train_shards), SkipStats()
+                captions = read_captions(urls, stats)
+                if not captions:
+                    raise ValueError(
+                        f"data.train_shards={cfg.data.train_shards!r}: no usable caption in {len(urls)} shard(s) "
+                        f"(skipped: {stats.summary()}), so tokenizer.kind=word has no vocabulary to build"
+                    )
             tokenizer = build_tokenizer(
                 cfg.tokenizer.kind, captions=captions, path=cfg.tokenizer.path, revision=cfg.tokenizer.revision
             )
