@@ -43,8 +43,8 @@ def _held_out(spec: str | Path, count: int) -> list[tuple[str, object, str, dict
 def _write_samples(t2i, i2t, held_out, out: Path, sample_cfg, generator) -> dict:
     """Images for 8 held-out captions (4 each) and captions of 16 held-out images, scored by the shapes evaluator."""
     from .data.shapes import parse_caption, scene_from_attributes
+    from .eval.benchmarks.shapes.detector import score_image
     from .eval.captions import caption_metrics
-    from .eval.detector import score_image
 
     prompts = [caption for _, _, caption, _ in held_out[:8]]
     images = t2i(

@@ -30,8 +30,8 @@ from mmdiff.eval import (
     render_prompt,
     score_image,
 )
+from mmdiff.eval.benchmarks.shapes.diversity import layout_descriptor, mean_pairwise_distance
 from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_policy
-from mmdiff.eval.diversity import layout_descriptor, mean_pairwise_distance
 from mmdiff.pipelines import MMDiffImageToTextPipeline
 from mmdiff.pipelines.factory import load_pipeline
 
@@ -217,7 +217,7 @@ def test_relation_direction_probe_bookkeeping(pipe):
 @pytest.fixture(scope="module")
 def tiny_val(tmp_path_factory):
     """16 px validation shards for the 16 px test pipeline, and a briefly trained 16 px eval encoder."""
-    from mmdiff.eval.encoder import train_eval_encoder
+    from mmdiff.eval.features.eval_encoder import train_eval_encoder
 
     root = tmp_path_factory.mktemp("tiny_val")
     write_shapes_shards(root / "data", 8, image_size=16, seed=0, val_fraction=0.5, shard_size=4)

@@ -13,7 +13,8 @@ from PIL import Image
 from mmdiff.cli import main
 from mmdiff.data.shapes import render_scene, write_shapes_shards
 from mmdiff.data.tokenizer import encode_captions, train_word_level_tokenizer
-from mmdiff.eval.encoder import (
+from mmdiff.eval.features.contrastive_training import _caption_choices, _embed_pixels, read_pairs, write_atomically
+from mmdiff.eval.features.eval_encoder import (
     ContrastiveEvalEncoder,
     MMDiffEvalEncoder,
     check_encoder_fits,
@@ -23,7 +24,6 @@ from mmdiff.eval.encoder import (
     text_coverage,
     train_eval_encoder,
 )
-from mmdiff.eval.encoder_train import _caption_choices, _embed_pixels, read_pairs, write_atomically
 
 TINY = {"channels": (8, 16), "feature_dim": 32, "embed_dim": 16, "text_width": 16, "text_layers": 1, "text_heads": 2}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

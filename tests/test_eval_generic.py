@@ -16,8 +16,8 @@ from PIL import Image
 
 from mmdiff.cli import main
 from mmdiff.data.shapes import write_shapes_shards
-from mmdiff.eval.diversity import render_prompt
-from mmdiff.eval.encoder import load_eval_encoder, train_eval_encoder
+from mmdiff.eval.benchmarks.shapes.diversity import render_prompt
+from mmdiff.eval.features.eval_encoder import load_eval_encoder, train_eval_encoder
 from mmdiff.eval.generic import image_space_metrics
 from mmdiff.eval.metrics import r_precision
 from mmdiff.eval.records import load_eval_records

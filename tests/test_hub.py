@@ -243,7 +243,7 @@ def test_training_refuses_an_id_it_cannot_resolve_naming_the_key(hub_cache):
 
 def test_the_eval_encoder_takes_a_hub_id(hub_cache):
     from mmdiff.data.shards import iterate_records
-    from mmdiff.eval.encoders import resolve_encoders
+    from mmdiff.eval.features.spaces import resolve_encoders
 
     snapshot = cache_repo(hub_cache, "org/shapes-encoder", REPO / "assets" / "eval_encoder_shapes")
     records = [r for _, r in zip(range(4), iterate_records(str(REPO / "assets" / "shapes_val_sample.tar")))]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from mmdiff.eval.features.pretrained import InceptionEncoder, OpenCLIPEncoder, inception_weights_to_safetensors
 from mmdiff.eval.metrics import (
     caption_scores,
     clip_score,
@@ -23,7 +24,6 @@ from mmdiff.eval.metrics import (
     r_precision,
     tokenize_caption,
 )
-from mmdiff.eval.pretrained import InceptionEncoder, OpenCLIPEncoder, inception_weights_to_safetensors
 
 TINY_CLIP = {
     "embed_dim": 16,

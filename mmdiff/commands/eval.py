@@ -8,9 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..checks import check_seed
 from ..diffusion.guidance import GUIDANCE_METHODS
-from ..eval.encoder_train import DEFAULT_STEPS
-from .sample import add_folder_default, add_model_options, add_sampler_options, model_folder, sampler_settings
+from ..eval.features.contrastive_training import DEFAULT_STEPS
+from .sample import (
+    add_folder_default,
+    add_model_options,
+    add_sampler_options,
+    model_folder,
+    sampler_settings,
+)
 
 EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
@@ -105,6 +112,7 @@ def run(args) -> int:
 
         print(f"wrote {plot_run(args.run_dir, args.out)}")
         return 0
+    check_seed("--seed", args.seed, 2**63 - 1)  # image i draws seed + i (and diversity samples seed + 10**6 + ...)
     if args.cmd == "eval-samplers":
         from ..eval.samplers import accuracy_key, compare_caption_samplers
 
@@ -226,7 +234,7 @@ def _add_eval_encoder_parser(sub) -> None:
 
 def _eval_encoder_command(args) -> int:
     """Run `mmdiff eval-encoder`: train, print the held-out retrieval accuracy and where the encoder is."""
-    from ..eval.encoder_train import train_eval_encoder
+    from ..eval.features.contrastive_training import train_eval_encoder
 
     record = train_eval_encoder(
         args.shards,

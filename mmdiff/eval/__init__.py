@@ -5,9 +5,9 @@
 """
 
 from .benchmarks.shapes import load_real_scenes
+from .benchmarks.shapes.detector import ATTRIBUTES, compare_scenes, detect_objects, detected_scene, score_image
+from .benchmarks.shapes.diversity import diversity_report, layout_descriptor, mean_pairwise_distance, render_prompt
 from .captions import caption_metrics, caption_nll, generate_captions
-from .detector import ATTRIBUTES, compare_scenes, detect_objects, detected_scene, score_image
-from .diversity import diversity_report, layout_descriptor, mean_pairwise_distance, render_prompt
 from .metrics import caption_scores, clip_score, frechet_distance, kernel_inception_distance, precision_recall
 from .run import caption_report, evaluate, fidelity_report, generate_images
 from .sweep import sweep

@@ -1,13 +1,14 @@
 """Image-to-text metrics: attribute accuracy and exact match of generated captions, and the caption NLL bound.
 
 Attribute accuracy parses both the generated caption and the reference with :func:`parse_caption`, so any phrasing
-of the right scene counts; the per-attribute rules are those of :func:`mmdiff.eval.detector.compare_scenes`. An
+of the right scene counts; the per-attribute rules are those of :func:`mmdiff.eval.benchmarks.shapes.detector.compare_scenes`. An
 unparseable caption is wrong on every attribute.
 
 The NLL bound is the MDLM negative ELBO (Sahoo et al. 2024): ``E_t E_{y_t ~ q(.|y_0, t)} [sum_masked CE / t]`` with
 t ~ U(0, 1]. It is estimated with ``num_levels`` stratified mask levels per caption (fixed seed, so every model and
 guidance scale sees the same masks) and reported in bits per token position, over the L = max_text_length positions
-of the padded caption: pad positions count because the model learns where a caption ends (DESIGN.md, decision 5).
+of the padded caption: pad positions count because the model learns where a caption ends (docs/architecture.md,
+decision 5).
 With ``guidance_scale`` w != 1 the denoiser is the CFG combination of the logits, ``uncond + w (cond - uncond)``
 (w = 0 is the null context, i.e. the unconditional bound on p(text)).
 """
@@ -27,7 +28,7 @@ from mmdiff.data.shapes import parse_caption
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
 
-from .detector import ATTRIBUTES, compare_scenes
+from .benchmarks.shapes.detector import ATTRIBUTES, compare_scenes
 
 
 def _normalise_text(text: str) -> str:

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from .encoders import resolve_encoders
+from .features.spaces import resolve_encoders
 from .generic import image_space_metrics
 from .records import load_eval_records, require_records
 from .run import generate_images

@@ -25,7 +25,7 @@ import torch
 from ..pipelines.factory import load_pipeline
 from .benchmarks import find_benchmark
 from .captions import caption_nll, generate_captions
-from .encoders import resolve_encoders
+from .features.spaces import resolve_encoders
 from .generic import (
     R_PRECISION_R,
     caption_space_metrics,
@@ -275,7 +275,7 @@ def caption_report(
 
 
 def check_counts(**counts: int) -> None:
-    """Every sample count must be a positive integer (the CLI's --num-images 0 used to run and divide by zero)."""
+    """Every sample count must be a positive integer (a count of 0 would divide by zero in the averages)."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

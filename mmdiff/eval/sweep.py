@@ -27,7 +27,7 @@ import PIL.Image
 
 from ..pipelines.factory import load_pipeline
 from .benchmarks import find_benchmark
-from .encoders import resolve_encoders
+from .features.spaces import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
 from .plots import plot_methods, plot_sweep, save_labeled_grid
 from .records import load_eval_records

@@ -1,6 +1,6 @@
 """Flow matching against v-prediction on shapes: prompt accuracy and FD against sampling steps, per scheduler.
 
-    python assets/compare_objectives.py --models runs/shapes_v/pipeline runs/shapes_flow/pipeline \
+    python scripts/compare_objectives.py --models runs/shapes_v/pipeline runs/shapes_flow/pipeline \
         --shards data/shapes/val --out assets/objectives
 
 Each model samples the same 512 held-out prompts with the same seeds at w = 2 with every scheduler of its family
@@ -20,7 +20,7 @@ import torch
 
 from mmdiff.eval.benchmarks import find_benchmark
 from mmdiff.eval.captions import generate_captions
-from mmdiff.eval.encoders import resolve_encoders
+from mmdiff.eval.features.spaces import resolve_encoders
 from mmdiff.eval.generic import image_space_metrics
 from mmdiff.eval.records import load_eval_records
 from mmdiff.eval.run import generate_images

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import PIL.Image
 
-from .encoder_model import (
+from .contrastive_model import (
     ContrastiveEvalEncoder,
     MMDiffEvalEncoder,
     _class_name,
     contrastive_loss,
     is_eval_encoder_folder,
 )
-from .encoder_retrieval import retrieval_accuracy
-from .encoder_train import TOKENIZER_FOLDER, TRAINING_FILE, train_eval_encoder, word_coverage
+from .contrastive_training import TOKENIZER_FOLDER, TRAINING_FILE, train_eval_encoder, word_coverage
+from .retrieval import retrieval_accuracy
 
 __all__ = [
     "ContrastiveEvalEncoder",

@@ -30,14 +30,14 @@ from mmdiff.data.images import resize_center_crop
 from mmdiff.data.shards import SkipStats, expand_urls, iterate_records
 from mmdiff.data.tokenizer import encode_captions, train_word_level_tokenizer
 
-from .encoder_model import (
+from .contrastive_model import (
     ContrastiveEvalEncoder,
     MMDiffEvalEncoder,
     contrastive_loss,
     default_channels,
     is_eval_encoder_folder,
 )
-from .encoder_retrieval import retrieval_accuracy
+from .retrieval import retrieval_accuracy
 
 MAX_IMAGE_BYTES = 8 * 2**30  # the training images are held in memory as uint8
 MAX_VOCABULARY = 20000  # rarer words become [UNK]: a big vocabulary would dominate the encoder's size

@@ -6,7 +6,7 @@ and the shipped v-prediction model (`assets/shapes_small_training/eval_small.jso
 steps 6 000 and 12 000 have no record file; their figures are the ones README "The shipped model" reports from the
 same eval command (w = 2, 25 DDIM steps, 512 prompts).
 
-    python assets/plot_training_curve.py            # writes assets/objectives/training_curve.png
+    python scripts/plot_training_curve.py            # writes assets/objectives/training_curve.png
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1] / "assets"
 SHIPPED_RUN_WITHOUT_RECORDS = {6000: 0.885, 12000: 0.953}  # README, "The shipped model"
 
 

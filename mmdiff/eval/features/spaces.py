@@ -23,7 +23,7 @@ MIN_VOCABULARY_COVERAGE = 0.5
 
 def load_encoder_space(folder: str | os.PathLike, device: str = "cpu"):
     """An `mmdiff eval-encoder` folder as an EvalEncoder (FileNotFoundError / ValueError naming the problem)."""
-    from .encoder import load_eval_encoder
+    from .eval_encoder import load_eval_encoder
 
     return load_eval_encoder(folder, device)
 
@@ -81,7 +81,7 @@ def check_encoders_fit(spaces: dict[str, Any], image_size: int, real_images: lis
     any English, so they fit everything."""
     from PIL import Image
 
-    from .encoder import check_encoder_fits, text_coverage
+    from .eval_encoder import check_encoder_fits, text_coverage
 
     encoder = spaces.get("eval_encoder")
     if encoder is None:

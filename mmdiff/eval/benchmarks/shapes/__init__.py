@@ -1,7 +1,7 @@
 """The shapes benchmark: every attribute of a scene is known, so images and captions are scored exactly.
 
-Text -> image: prompt accuracy and per-attribute accuracy from the rule-based reader (`eval/detector.py`), split by
-the number of objects, and layout diversity (`eval/diversity.py`). Image -> text: attribute accuracy of generated
+Text -> image: prompt accuracy and per-attribute accuracy from the rule-based reader (`detector.py`), split by
+the number of objects, and layout diversity (`diversity.py`). Image -> text: attribute accuracy of generated
 captions parsed back into scenes, exact match with the canonical caption, and the relation-direction probe.
 """
 
@@ -15,11 +15,11 @@ from PIL import Image
 from mmdiff.data.shapes import LeftFirstPolicy, parse_caption, scene_from_attributes
 from mmdiff.data.shards import iterate_records
 
-from ..captions import caption_metrics, nll_references, relation_direction, trained_caption_policy
-from ..detector import ATTRIBUTES, score_image
-from ..diversity import diversity_report
-from ..records import EvalRecords
-from . import Benchmark
+from ...captions import caption_metrics, nll_references, relation_direction, trained_caption_policy
+from ...records import EvalRecords
+from .. import Benchmark
+from .detector import ATTRIBUTES, score_image
+from .diversity import diversity_report
 
 
 def record_scene(prompt: str, attrs: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
 """Pretrained feature spaces loaded from local files: open_clip and InceptionV3. Hub ids are fetched into local
-folders before they get here (`mmdiff.eval.encoders.resolve_encoders`, with `mmdiff.hub.resolve_pretrained`).
+folders before they get here (`mmdiff.eval.features.spaces.resolve_encoders`, with `mmdiff.hub.resolve_pretrained`).
 
 - `OpenCLIPEncoder.from_local(source, checkpoint_path=None)`: an open_clip CLIP model. CLIP score and R-precision in
   its joint space are the figures papers report as "CLIP score"; FD in its image embeddings is "FD_CLIP".

@@ -1,7 +1,7 @@
 """A stand-in for "your own images with captions" (README, "Measured on data that is not shapes").
 
 Writes my_images/{train,val}/NNNNN.png + NNNNN.txt: 32 px pictures of stripes, checkerboards and diagonal splits in
-two of six colours, captioned in free words that the shapes parser does not read. Run: python assets/make_stripes.py
+two of six colours, captioned in free words that the shapes parser does not read. Run: python scripts/make_stripes.py
 """
 
 import random
