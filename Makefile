@@ -1,4 +1,4 @@
-.PHONY: install install-locked test test-floors lint demo ci
+.PHONY: install install-locked test test-floors lint demo ci docs
 
 install:
 	python -m pip install -e ".[dev]"
@@ -22,6 +22,17 @@ lint:
 demo:
 	python -m pip install -e . && mmdiff demo
 
+# the documentation site, strict (a warning is an error), into site/; needs pip install -e ".[docs]"
+docs:
+	NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict
+
 # what CI runs: fresh environments for the README's install and for the floors, ruff, pytest
 ci:
 	.ci/run
+
+# diffusers' own pipeline tests (PipelineTesterMixin, unmodified) against both pipelines, from a diffusers clone:
+#   make conformance DIFFUSERS=/path/to/diffusers.git   (see assets/conformance/README.md)
+.PHONY: conformance
+conformance:
+	@test -n "$(DIFFUSERS)" || { echo "usage: make conformance DIFFUSERS=/path/to/diffusers(.git)"; exit 2; }
+	PYTHON="$${PYTHON:-python}" bash assets/conformance/run.sh "$(DIFFUSERS)"
