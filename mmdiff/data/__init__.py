@@ -4,7 +4,7 @@ Layout, from the ground up: ``images.py`` (image preparation), ``remote.py`` (ht
 retries), ``shards.py`` (shard lists, reading tars with bad records skipped and counted, record fields),
 ``writer.py`` (writing shards), ``latents.py`` (precomputed VAE latents), ``captions.py`` (caption policies),
 ``dataset.py`` (the batched training/evaluation stream), and the datasets and their policies on top: ``shapes.py``,
-``folder.py``, ``policies.py``.
+``folder.py`` and ``formats.py`` (imagefolder, CSV/TSV/JSONL, COCO captions, Hugging Face datasets), ``policies.py``.
 """
 
 from mmdiff.data.captions import CaptionPolicy

@@ -1,6 +1,7 @@
 """Reading webdataset shards: shard lists, the records of a tar with bad ones skipped and counted, record fields.
 
-Shards are plain webdataset tars (``key.png``/``key.jpg`` + ``key.txt`` [+ ``key.json``]), or latent shards with
+Shards are plain webdataset tars (``key.png``/``key.jpg``/``key.webp`` + ``key.txt`` [+ ``key.json``]; img2dataset's
+tars as they are, the caption read from the json when a record has no txt), or latent shards with
 precomputed VAE latents (``key.latents.npy``, see ``latents.py``) in place of the image. A shard is read by
 webdataset's own tar stages: ``tariterators.tar_file_expander`` turns the tar stream into files and
 ``tariterators.group_by_keys`` groups them into records ``{"__key__", "__url__", ext: bytes}`` (the key is the path
@@ -296,6 +297,9 @@ def _cap_text(text: str) -> str:
 def record_caption(record: dict[str, Any], counts: Counter[str]) -> tuple[str, dict[str, Any] | None] | None:
     """(caption from txt, attributes from json) of a record, or None (counted) when it has no usable caption.
 
+    Without a txt, the json's "canonical" (the shapes generator) or "caption" (img2dataset) is the caption; the json's
+    other keys are kept as attributes and otherwise ignored.
+
     A caption over :data:`MAX_CAPTION_BYTES` is cut there (:func:`cap_caption_bytes`) and counted as ``truncated``
     before it is decoded, so an enormous one costs nothing downstream; an attribute json over
     :data:`MAX_JSON_BYTES` is not parsed (``bad_json``).
@@ -312,10 +316,11 @@ def record_caption(record: dict[str, Any], counts: Counter[str]) -> tuple[str, d
             attrs = None
     ext = next((e for e in CAPTION_EXTS if e in record), None)
     if ext is None:
-        # Attribute files written by the shapes generator carry the caption too.
-        canonical = attrs.get("canonical") if attrs else None
-        if isinstance(canonical, str) and canonical.strip():
-            return " ".join(_cap_text(canonical).split()), attrs
+        # Attribute files carry the caption too: the shapes generator's "canonical", img2dataset's "caption".
+        for name in ("canonical", "caption"):
+            text = attrs.get(name) if attrs else None
+            if isinstance(text, str) and text.strip():
+                return " ".join(_cap_text(text).split()), attrs
         counts["no_caption"] += 1
         return None
     raw, cut = cap_caption_bytes(record[ext])
