@@ -29,7 +29,8 @@ def find_config(name: str) -> Path:
     return find_repo_file(f"configs/{name}")
 
 
-def _held_out(spec: str | Path, count: int) -> list[tuple[str, object, str, dict | None]]:
+def first_records(spec: str | Path, count: int) -> list[tuple[str, object, str, dict | None]]:
+    """The first `count` records of image-caption shards: (key, image, caption, attributes or None)."""
     from .data.shards import iterate_records
 
     records = []
@@ -43,8 +44,8 @@ def _held_out(spec: str | Path, count: int) -> list[tuple[str, object, str, dict
 def _write_samples(t2i, i2t, held_out, out: Path, sample_cfg, generator) -> dict:
     """Images for 8 held-out captions (4 each) and captions of 16 held-out images, scored by the shapes evaluator."""
     from .data.shapes import parse_caption, scene_from_attributes
+    from .eval.benchmarks.shapes.captions import caption_metrics
     from .eval.benchmarks.shapes.detector import score_image
-    from .eval.captions import caption_metrics
 
     prompts = [caption for _, _, caption, _ in held_out[:8]]
     images = t2i(
@@ -101,7 +102,7 @@ def run_shipped_demo(out: Path, model: str | None = None, sweep: bool = True) ->
     i2t = as_image_to_text(t2i)
     sample_cfg = {k: getattr(t2i.sample_config, k) for k in SAMPLE_KEYS}
     print(f"model: {folder}  held-out scenes: {val}  settings: {sample_cfg}")
-    result = _write_samples(t2i, i2t, _held_out(val, 16), out, sample_cfg, torch.Generator(device).manual_seed(0))
+    result = _write_samples(t2i, i2t, first_records(val, 16), out, sample_cfg, torch.Generator(device).manual_seed(0))
     if sweep:
         record = run_sweep(
             folder,
@@ -151,7 +152,7 @@ def run_demo(out: Path, work: Path, minutes: float, num_images: int, overrides: 
     i2t = as_image_to_text(t2i)
     sample_cfg = {k: getattr(cfg.sample, k) for k in SAMPLE_KEYS}
     result = _write_samples(
-        t2i, i2t, _held_out(data / "val", 16), out, sample_cfg, torch.Generator(device).manual_seed(0)
+        t2i, i2t, first_records(data / "val", 16), out, sample_cfg, torch.Generator(device).manual_seed(0)
     )
     print(f"\ntraining: {json.dumps({k: summary[k] for k in ('steps', 'minutes', 'first_eval', 'last_eval')})}")
     print(f"pipeline folder: {summary['pipeline']}")

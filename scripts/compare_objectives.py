@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mmdiff.eval.benchmarks import find_benchmark
-from mmdiff.eval.captions import generate_captions
+from mmdiff.eval.caption_metrics import generate_captions
 from mmdiff.eval.features.spaces import resolve_encoders
 from mmdiff.eval.generic import image_space_metrics
 from mmdiff.eval.records import load_eval_records

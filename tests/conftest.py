@@ -11,7 +11,8 @@ import torch
 
 from mmdiff.data.tokenizer import train_word_level_tokenizer
 from mmdiff.diffusion.gaussian import make_noise_scheduler
-from mmdiff.models.transformer import MMDiTModel
+from mmdiff.diffusion.process import GaussianProcess
+from mmdiff.models.transformer import MMDiffTransformer2DModel
 from mmdiff.models.vae import tiny_vae
 
 # `mmdiff train` with test hooks passed in (tests/hooked_train.py), for the tests that need a separate process
@@ -67,7 +68,7 @@ def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.n
     return model
 
 
-def make_model(tokenizer, **overrides) -> MMDiTModel:
+def make_model(tokenizer, **overrides) -> MMDiffTransformer2DModel:
     torch.manual_seed(0)
     kwargs = dict(
         sample_size=8,
@@ -83,7 +84,7 @@ def make_model(tokenizer, **overrides) -> MMDiTModel:
         adaln="single",  # what `mmdiff train` builds by default (and the shipped model's layout)
     )
     kwargs.update(overrides)
-    return perturb(MMDiTModel(**kwargs)).eval()
+    return perturb(MMDiffTransformer2DModel(**kwargs)).eval()
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def noise_scheduler():
 def pipe(model, vae, noise_scheduler, tokenizer):
     from mmdiff.training.trainer import build_pipeline
 
-    pipe = build_pipeline(model, vae, noise_scheduler, tokenizer)
+    pipe = build_pipeline(model, vae, GaussianProcess(noise_scheduler).sampling_scheduler(), tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -188,7 +189,7 @@ def v_pipe(model, vae, tokenizer):
     scheduler = make_noise_scheduler(
         {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction", "clip_sample": False}
     )
-    pipe = build_pipeline(model, vae, scheduler, tokenizer)
+    pipe = build_pipeline(model, vae, GaussianProcess(scheduler).sampling_scheduler(), tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

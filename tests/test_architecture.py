@@ -1,5 +1,6 @@
-"""The import graph of mmdiff/ (read with `ast`, lazy imports inside functions included): no circle, and no import
-from a lower layer up into a higher one. The layers are the README's "Architecture" section."""
+"""The import graph of mmdiff/ (read with `ast`, lazy imports inside functions included): no circle, no import from a
+lower layer up into a higher one, the library core apart from the lab, and inside eval the harness, the feature
+spaces and each benchmark apart. The layers are the README's "Architecture" section."""
 
 from __future__ import annotations
 
@@ -16,12 +17,22 @@ LAYERS = [
     ["mmdiff.config"],
     ["mmdiff.conditioning"],
     ["mmdiff.pipelines"],
-    ["mmdiff.training", "mmdiff.eval", "mmdiff.bench", "mmdiff.demo", "mmdiff.sampling"],
+    ["mmdiff.training", "mmdiff.eval", "mmdiff.bench", "mmdiff.demo"],
     ["mmdiff.serve", "mmdiff.commands", "mmdiff.cli"],
 ]
 # the package's front door re-exports the pipeline classes that saved folders name: it sits above everything
 FACADE = "mmdiff"
 MAX_LINES = 500
+# the library others build on (models, noise processes, conditioning, pipelines, training, data and the small root
+# modules) never imports the lab: evaluation (harness, feature spaces, benchmarks), bench, serving, the demo, the CLI
+CORE = [
+    "mmdiff.models", "mmdiff.diffusion", "mmdiff.conditioning", "mmdiff.pipelines", "mmdiff.training", "mmdiff.data",
+    "mmdiff.config", "mmdiff.checks", "mmdiff.hub", "mmdiff.paths",
+]  # fmt: skip
+LAB = ["mmdiff.eval", "mmdiff.bench", "mmdiff.serve", "mmdiff.demo", "mmdiff.commands", "mmdiff.cli"]
+# inside eval: the feature spaces, the benchmarks' registry and each benchmark's folder; everything else is the harness
+FEATURES, BENCHMARKS = "mmdiff.eval.features", "mmdiff.eval.benchmarks"
+EVAL_FACADE = "mmdiff.eval"  # the package's front door re-exports the shapes benchmark's scorers
 
 
 def _module_name(path: Path) -> str:
@@ -69,6 +80,22 @@ def _layer(module: str) -> int:
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and to the README's Architecture section")
 
 
+def _under(module: str, prefixes: list[str] | str) -> bool:
+    prefixes = [prefixes] if isinstance(prefixes, str) else prefixes
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _eval_part(module: str) -> str:
+    """ "features", "registry" (mmdiff.eval.benchmarks itself), "benchmark:NAME" or "harness"."""
+    if _under(module, FEATURES):
+        return "features"
+    if module == BENCHMARKS:
+        return "registry"
+    if _under(module, BENCHMARKS):
+        return "benchmark:" + module.split(".")[3]
+    return "harness"
+
+
 def _subpackage_init(module: str, target: str) -> bool:
     """A package's __init__ re-exporting its own modules, or a module importing its own package's __init__."""
     return target.startswith(module + ".") or module.startswith(target + ".")
@@ -85,6 +112,41 @@ def test_no_import_goes_up_a_layer():
     ]
     assert not upward, "\n".join(upward)
     assert not any(FACADE in targets for module, targets in graph.items() if module != FACADE)
+
+
+def test_the_core_does_not_import_the_lab():
+    graph = _graph()
+    assert all(_under(m, CORE + LAB) for m in graph if m != FACADE), [m for m in graph if not _under(m, CORE + LAB)]
+    reaching = [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        if _under(module, CORE)
+        for target in sorted(targets)
+        if _under(target, LAB)
+    ]
+    assert not reaching, "\n".join(reaching)
+    assert not any(_under(t, LAB) for t in graph[FACADE])
+
+
+def test_eval_keeps_harness_feature_spaces_and_benchmarks_apart():
+    # features: only each other; the harness: a benchmark only through the registry (`find_benchmark`); a
+    # benchmark: the harness, the features, the registry and its own folder, never another benchmark
+    allowed = {
+        "features": {"features"},
+        "registry": {"harness", "features"},  # the Benchmark interface names the harness's EvalRecords
+        "harness": {"harness", "features", "registry"},
+    }
+    crossing = []
+    for module, targets in sorted(_graph().items()):
+        if not _under(module, EVAL_FACADE) or module == EVAL_FACADE:
+            continue
+        part = _eval_part(module)
+        for target in sorted(t for t in targets if _under(t, EVAL_FACADE)):
+            to = _eval_part(target)
+            ok = {"harness", "features", "registry", part} if part.startswith("benchmark:") else allowed[part]
+            if to not in ok and not (part == "registry" and to.startswith("benchmark:")):  # the registry's list
+                crossing.append(f"{module} ({part}) imports {target} ({to})")
+    assert not crossing, "\n".join(crossing)
 
 
 def test_no_import_circle():
@@ -114,6 +176,9 @@ def test_the_graph_reader_sees_imports():
     assert "mmdiff.models.transformer" in graph["mmdiff.conditioning.guided"]  # relative, module level
     assert "mmdiff.pipelines.text_to_image" in graph["mmdiff.pipelines.factory"]
     assert any(t.startswith("mmdiff.training") for t in graph["mmdiff.commands.train"])  # lazy, in a function
+    assert _eval_part("mmdiff.eval.benchmarks.shapes.detector") == "benchmark:shapes"
+    assert _eval_part("mmdiff.eval.features.spaces") == "features" and _eval_part("mmdiff.eval.run") == "harness"
+    assert "mmdiff.eval.benchmarks.shapes" in graph["mmdiff.eval.benchmarks"]  # the registry's lazy import
 
 
 def test_files_stay_short():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import close_at_scale, make_model
 
-from mmdiff.conditioning import GuidanceSpec, GuidedDenoiser, TextConditioner, forward_with_dropout
+from mmdiff.conditioning import Condition, GuidanceSpec, GuidedModel, TextConditioner, forward_with_dropout
 from mmdiff.data.tokenizer import encode_captions
 from mmdiff.diffusion.guidance import classifier_free_guidance
 
@@ -38,22 +38,22 @@ def test_guided_denoiser_equals_two_plain_forwards(model, tokenizer):
     text_ctx, text_mask = TextConditioner(tokenizer).context(model, ids)
     image_ctx, image_mask = model.encode_image(torch.randn(3, 4, 8, 8))
     t = torch.tensor(0.6)
-    for stream, sample, ctx, mask, null_kind in (
+    for modality, sample, ctx, mask, null_modality in (
         ("image", torch.randn(3, 4, 8, 8), text_ctx, text_mask, "text"),
         ("text", torch.randint(0, len(tokenizer), (3, 12)), image_ctx, image_mask, "image"),
     ):
-        null, null_mask = model.null_context(null_kind, 3, ctx.shape[1])
-        expected = _explicit(model, sample, t, ctx, mask, null, null_mask, 3.0, stream == "text")
-        denoiser = GuidedDenoiser(model, ctx, mask, stream, [3.0])
-        assert close_at_scale(denoiser(sample, t), expected)
-        assert denoiser.num_forward_rows == 6
+        null, null_mask = model.null_context(null_modality, 3, ctx.shape[1])
+        expected = _explicit(model, sample, t, ctx, mask, null, null_mask, 3.0, modality == "text")
+        guided = GuidedModel(model, Condition(ctx, mask), modality, [3.0])
+        assert close_at_scale(guided(sample, t), expected)
+        assert guided.num_forward_rows == 6
         # w = 1 and outside the guidance interval: the conditional forward alone
         plain = model(sample, t, ctx, mask)
-        plain = plain.float() if stream == "text" else plain
-        assert close_at_scale(GuidedDenoiser(model, ctx, mask, stream, [1.0])(sample, t), plain)
-        outside = GuidedDenoiser(model, ctx, mask, stream, GuidanceSpec((3.0,), interval=(0.0, 0.5)))
+        plain = plain.float() if modality == "text" else plain
+        assert close_at_scale(GuidedModel(model, Condition(ctx, mask), modality, [1.0])(sample, t), plain)
+        outside = GuidedModel(model, Condition(ctx, mask), modality, GuidanceSpec((3.0,), interval=(0.0, 0.5)))
         assert close_at_scale(outside(sample, t), plain) and outside.num_forward_rows == 3
-    # a sweep: S groups in one forward equal S separate denoisers; a negative context replaces the null context
+    # a sweep: S groups in one forward equal S separate guided models; a negative context replaces the null context
     sample = torch.randn(3, 4, 8, 8)
     negative = TextConditioner(tokenizer).context(model, encode_captions(tokenizer, ["blue"] * 3, 12)[0])
     length = max(text_ctx.shape[1], negative[0].shape[1])
@@ -64,13 +64,13 @@ def test_guided_denoiser_equals_two_plain_forwards(model, tokenizer):
     ctx, mask = pad(text_ctx, text_mask)
     neg = pad(*negative)
     for negative_branch in (None, neg):
-        sweep = GuidedDenoiser(model, ctx, mask, "image", [1.0, 2.0, 4.0], negative=negative_branch)
+        sweep = GuidedModel(model, Condition(ctx, mask, negative=negative_branch), "image", [1.0, 2.0, 4.0])
         together = sweep(sample.repeat(3, 1, 1, 1), t)
         for g, w in enumerate([1.0, 2.0, 4.0]):
-            alone = GuidedDenoiser(model, ctx, mask, "image", [w], negative=negative_branch)(sample, t)
+            alone = GuidedModel(model, Condition(ctx, mask, negative=negative_branch), "image", [w])(sample, t)
             assert close_at_scale(together[3 * g : 3 * (g + 1)], alone)
     expected = _explicit(model, sample, t, ctx, mask, *neg, 2.0, False)
-    assert close_at_scale(GuidedDenoiser(model, ctx, mask, "image", [2.0], negative=neg)(sample, t), expected)
+    assert close_at_scale(GuidedModel(model, Condition(ctx, mask, negative=neg), "image", [2.0])(sample, t), expected)
 
 
 @pytest.mark.parametrize("dropped", [[False, False, False], [True, False, True], [True, True, True]])

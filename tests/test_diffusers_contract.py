@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate import cpu_offload
 from conftest import close_at_scale, make_model
 
+from mmdiff.diffusion.process import GaussianProcess
 from mmdiff.models import attention as attention_module
 from mmdiff.models.blocks import CrossAttention, SelfAttention
 from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
@@ -60,7 +61,7 @@ def frozen_pipe(tmp_path, vae, noise_scheduler, tokenizer):
         )
     ).eval()
     model = make_model(tokenizer, external_text_dim=16, text_encoder_depth=0)
-    pipe = build_pipeline(model, vae, noise_scheduler, tokenizer, clip, tokenizer)
+    pipe = build_pipeline(model, vae, GaussianProcess(noise_scheduler).sampling_scheduler(), tokenizer, clip, tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

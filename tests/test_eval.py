@@ -24,14 +24,15 @@ from mmdiff.eval import (
     caption_metrics,
     caption_nll,
     detect_objects,
-    fidelity_report,
     frechet_distance,
     load_real_scenes,
     render_prompt,
     score_image,
 )
+from mmdiff.eval.benchmarks.shapes import ShapesBenchmark
+from mmdiff.eval.benchmarks.shapes.captions import relation_direction
 from mmdiff.eval.benchmarks.shapes.diversity import layout_descriptor, mean_pairwise_distance
-from mmdiff.eval.captions import nll_references, relation_direction, trained_caption_policy
+from mmdiff.eval.caption_metrics import nll_references, trained_caption_policy
 from mmdiff.pipelines import MMDiffImageToTextPipeline
 from mmdiff.pipelines.factory import load_pipeline
 
@@ -120,7 +121,7 @@ def test_perfect_model_scores_at_least_99_percent(val_shards):
     from mmdiff.data.shards import iterate_records
 
     own_captions = [caption for _, _, caption, _ in iterate_records(val_shards[0])]  # any phrasing, as stored
-    report = fidelity_report(images, own_captions)
+    report = ShapesBenchmark().image_metrics(images, own_captions, image_size=32, seed=0)
     assert report["num"] == 200
     assert report["prompt_accuracy"] >= 0.99
 
@@ -129,7 +130,7 @@ def test_shuffled_captions_score_near_chance(real_scenes):
     images = [image for image, _ in real_scenes]
     captions = [attrs["canonical"] for _, attrs in real_scenes]
     random.Random(0).shuffle(captions)
-    report = fidelity_report(images, captions)
+    report = ShapesBenchmark().image_metrics(images, captions, image_size=32, seed=0)
     assert report["prompt_accuracy"] <= CHANCE_BOUND
     assert 0.35 <= report["count"] <= 0.65  # one vs two objects is a fair coin
 

@@ -169,6 +169,7 @@ def test_an_encoder_trained_at_another_resolution_is_refused(saved_pipe, tmp_pat
 
 def test_training_logs_the_generic_evaluation_and_plot_draws_it(tmp_path):
     from mmdiff.config import load_config
+    from mmdiff.eval.in_training import TrainingEvalHooks
     from mmdiff.training.trainer import train
 
     write_shapes_shards(tmp_path / "data", 96, image_size=32, seed=0, val_fraction=0.25, shard_size=32)
@@ -182,7 +183,9 @@ def test_training_logs_the_generic_evaluation_and_plot_draws_it(tmp_path):
         "train.eval_images=4", "train.eval_sampling_steps=2",
     ]  # fmt: skip
     torch.manual_seed(0)
-    train(load_config(None, overrides))
+    with pytest.raises(ValueError, match="train.eval_encoder is evaluated by mmdiff's evaluation harness"):
+        train(load_config(None, overrides))  # the training core alone does not evaluate images
+    train(load_config(None, overrides), hooks=TrainingEvalHooks())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_fd" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import close_at_scale
 
-from mmdiff.conditioning import GuidanceSpec, GuidedDenoiser
+from mmdiff.conditioning import Condition, GuidanceSpec, GuidedModel
 from mmdiff.conditioning.guided import WeakBranch
 from mmdiff.diffusion.guidance import GUIDANCE_METHODS, Guidance
 from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
@@ -59,11 +59,11 @@ def test_each_method_is_the_diffusers_guider_on_the_two_predictions(t2i, method)
         null, null_mask = model.null_context("text", 2, context.shape[1])
         uncond = model(sample, t, null, null_mask)
         reference = Guidance(method, 3.0)(cond, uncond, step=2)
-        guided = GuidedDenoiser(model, context, mask, "image", GuidanceSpec((3.0,), method))
+        guided = GuidedModel(model, Condition(context, mask), "image", GuidanceSpec((3.0,), method))
         guided._step = 2  # the third step of a call (CFG-Zero* zeroes the first ones)
         assert close_at_scale(guided(sample, t), reference)
         assert relative(reference, cond) > 1e-3
-        one = GuidedDenoiser(model, context, mask, "image", GuidanceSpec((1.0,), method))(sample, t)
+        one = GuidedModel(model, Condition(context, mask), "image", GuidanceSpec((1.0,), method))(sample, t)
         assert close_at_scale(one, cond)
     assert torch.equal(_latents(t2i, guidance=method, guidance_scale=1.0), _latents(t2i, guidance_scale=1.0))
     assert not torch.equal(_latents(t2i, guidance=method, guidance_scale=3.0), _latents(t2i, guidance_scale=3.0))
@@ -92,9 +92,8 @@ def test_autoguidance_guides_against_the_weak_model(t2i, weak):
         weak_context, weak_mask = weak.text_context(*weak.encode_prompt(PROMPTS)[:2])
         weak_pred = weak.transformer(sample, t, weak_context, weak_mask)
         branch = WeakBranch(weak.transformer, weak_context, weak_mask)
-        guided = GuidedDenoiser(
-            model, context, mask, "image", GuidanceSpec((2.5,), "autoguidance", weak_model=weak), weak=branch
-        )
+        spec = GuidanceSpec((2.5,), "autoguidance", weak_model=weak)
+        guided = GuidedModel(model, Condition(context, mask, weak=branch), "image", spec)
         assert close_at_scale(guided(sample, t), weak_pred + 2.5 * (strong - weak_pred))
         assert guided.num_forward_rows == 4
     # the pipelines: a weak pipeline object or a folder; w = 1 is the strong model alone

@@ -319,7 +319,9 @@ def test_non_utf8_argv_bytes_through_a_real_process(saved_pipe, tmp_path):
     done = subprocess.run([*argv, "--out", str(out), "--quiet"], capture_output=True, timeout=300)
     err = done.stderr.decode("utf-8", "replace").strip()
     assert done.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err, err
-    assert "mmdiff generate: error: --prompt holds a lone surrogate U+DCFF at character 2, bytes that are not UTF-8" in err
+    assert (
+        "mmdiff generate: error: --prompt holds a lone surrogate U+DCFF at character 2, bytes that are not UTF-8" in err
+    )
     assert not out.exists()
 
 

@@ -10,7 +10,7 @@ from conftest import close_at_scale, make_model, relative_error
 
 from mmdiff.conditioning.prepared import prepare_context
 from mmdiff.models.blocks import AbsorbedContext
-from mmdiff.models.transformer import MMDiTModel, select_context_rows
+from mmdiff.models.transformer import MMDiffTransformer2DModel, select_context_rows
 from mmdiff.training.losses import drop_ids
 
 
@@ -37,7 +37,7 @@ def test_forward_shapes_for_both_tasks(model, tokenizer):
 @pytest.mark.parametrize("adaln", ["per_block", "single"])
 def test_init_is_adaln_zero(adaln):
     torch.manual_seed(0)
-    fresh = MMDiTModel(
+    fresh = MMDiffTransformer2DModel(
         sample_size=8, vocab_size=20, max_text_length=6, hidden_size=32, depth=2, num_heads=2, adaln=adaln
     )
     ctx, mask = fresh.null_context("text", 2)
@@ -102,7 +102,7 @@ def test_save_load_identical_outputs(tmp_path, tokenizer):
     model = make_model(tokenizer)
     model.save_pretrained(tmp_path / "transformer")
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
-    loaded = MMDiTModel.from_pretrained(tmp_path / "transformer").eval()
+    loaded = MMDiffTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
     latents, ids = torch.randn(2, 4, 8, 8), torch.randint(0, len(tokenizer), (2, 12))
     ctx, mask = model.encode_text(ids)
     assert torch.equal(model(latents, 0.7, ctx, mask), loaded(latents, 0.7, *loaded.encode_text(ids)))
@@ -117,7 +117,7 @@ def test_saved_model_without_adaln_key_loads_as_per_block(tmp_path, tokenizer):
     config = json.loads(config_path.read_text())
     del config["adaln"]
     config_path.write_text(json.dumps(config))
-    loaded = MMDiTModel.from_pretrained(tmp_path / "transformer").eval()
+    loaded = MMDiffTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
     assert loaded.config.adaln == "per_block" and loaded.adaLN_single is None
     latents, ids = torch.randn(2, 4, 8, 8), torch.randint(0, len(tokenizer), (2, 12))
     ctx, mask = model.encode_text(ids)

@@ -59,6 +59,23 @@ def test_batched_captions_equal_per_image_captions(i2t, tokenizer, options):
         assert not torch.equal(again.token_ids, ids)  # the seeds matter when sampling
 
 
+def test_num_images_per_prompt_gives_several_captions_per_image_in_order(i2t):
+    kw = {"num_inference_steps": 4, "guidance_scale": 2.0, "temperature": 1.0, "prompt": ["a small", "a large"]}
+    images = _images()[:2]
+    several = i2t(images, num_images_per_prompt=2, generator=_seeds(4), **kw)
+    assert len(several.text) == 4
+    assert [t.split()[:2] for t in several.text] == [["a", "small"]] * 2 + [["a", "large"]] * 2
+    for i, image in enumerate([images[0], images[0], images[1], images[1]]):  # caption i is image i // 2's
+        prompt = kw["prompt"][i // 2]
+        assert i2t(image, generator=_seeds(1, i)[0], **{**kw, "prompt": prompt}).text == [several.text[i]]
+    unconditional = i2t(None, num_captions=2, num_images_per_prompt=3, num_inference_steps=2, generator=_seeds(6))
+    assert len(unconditional.text) == 6
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        i2t(images, num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="got 3 prompts for 2 images"):
+        i2t(images, prompt=["a", "b", "c"], num_images_per_prompt=2)
+
+
 def test_every_image_kind_and_mode_is_converted(i2t):
     rgb = PIL.Image.new("RGB", (17, 23), (200, 30, 30))
     array = np.asarray(rgb)

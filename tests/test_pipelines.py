@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import close_at_scale
 
+from mmdiff.diffusion.process import GaussianProcess
 from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,9 @@ def test_frozen_clip_encoder_pipeline_round_trip(tmp_path, vae, noise_scheduler,
     tokenizer.save_pretrained(tmp_path / "clip")
     encoder, enc_tokenizer = load_frozen_text_encoder("clip", str(tmp_path / "clip"))
     model = make_model(tokenizer, external_text_dim=16, text_encoder_depth=0)
-    pipe = build_pipeline(model, vae, noise_scheduler, tokenizer, encoder, enc_tokenizer)
+    pipe = build_pipeline(
+        model, vae, GaussianProcess(noise_scheduler).sampling_scheduler(), tokenizer, encoder, enc_tokenizer
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = MMDiffTextToImagePipeline.from_pretrained(tmp_path / "pipe")

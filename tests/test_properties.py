@@ -142,10 +142,11 @@ def test_config_files_load_or_raise_config_error(tmp_path, text):
 @pytest.fixture(scope="module")
 def t2i(tokenizer, vae):
     from mmdiff.diffusion.gaussian import make_noise_scheduler
+    from mmdiff.diffusion.process import GaussianProcess
     from mmdiff.training.trainer import build_pipeline
 
-    scheduler = make_noise_scheduler({"prediction_type": "v_prediction", "clip_sample": False})
-    pipe = build_pipeline(make_model(tokenizer), vae, scheduler, tokenizer)
+    process = GaussianProcess(make_noise_scheduler({"prediction_type": "v_prediction", "clip_sample": False}))
+    pipe = build_pipeline(make_model(tokenizer), vae, process.sampling_scheduler(), tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

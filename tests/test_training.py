@@ -11,6 +11,7 @@ from conftest import close_at_scale, make_model, write_tar
 from PIL import Image
 from safetensors.torch import load_file
 
+from mmdiff.diffusion.process import GaussianProcess
 from mmdiff.training.checkpoint import (
     atomic_dir,
     latest_checkpoint,
@@ -35,9 +36,9 @@ def _batch(tokenizer, n=8):
 
 def test_losses_finite_at_init_and_at_chance(tokenizer, noise_scheduler):
     torch.manual_seed(0)
-    from mmdiff.models.transformer import MMDiTModel
+    from mmdiff.models.transformer import MMDiffTransformer2DModel
 
-    fresh = MMDiTModel(
+    fresh = MMDiffTransformer2DModel(
         sample_size=8, vocab_size=len(tokenizer), max_text_length=12, hidden_size=32, depth=2, num_heads=2
     )
     latents, ids = _batch(tokenizer)
@@ -47,7 +48,7 @@ def test_losses_finite_at_init_and_at_chance(tokenizer, noise_scheduler):
         ids,
         tokenizer.pad_token_id,
         tokenizer.mask_token_id,
-        noise_scheduler,
+        GaussianProcess(noise_scheduler),
         LossWeights(),
         generator=torch.Generator().manual_seed(0),
     )
@@ -61,7 +62,8 @@ def _seeded_losses(model, tokenizer, noise_scheduler, latents, ids, weights, **k
     """joint_losses on a fixed batch with the generator seeded the same every call (same noise, masks, dropout)."""
     pad, mask = tokenizer.pad_token_id, tokenizer.mask_token_id
     generator = torch.Generator().manual_seed(0)
-    return joint_losses(model, latents, ids, pad, mask, noise_scheduler, weights, generator=generator, **kw)
+    process = GaussianProcess(noise_scheduler)
+    return joint_losses(model, latents, ids, pad, mask, process, weights, generator=generator, **kw)
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer, noise_scheduler):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmdiff.pipelines import MMDiffImageToTextPipeline, MMDiffTextToImagePipeline, PipelineLoadError
 from mmdiff.pipelines.loading import OWN_COMPONENTS, PIPELINE_CLASS_NAMES, check_model_index, check_pipeline_folder
@@ -132,9 +133,32 @@ def test_the_tables_name_what_mmdiff_saves(saved_pipe):
 def test_the_shipped_folder_still_loads():
     check_pipeline_folder(SHIPPED)
     classes = check_model_index(json.loads((SHIPPED / "model_index.json").read_text()))
-    assert classes["transformer"].__name__ == "MMDiTModel" and classes["scheduler"].__name__ == "DDIMScheduler"
+    assert (
+        classes["transformer"].__name__ == "MMDiffTransformer2DModel"
+        and classes["scheduler"].__name__ == "DDIMScheduler"
+    )
     pipe = MMDiffImageToTextPipeline.from_pretrained(SHIPPED)
     assert type(pipe.text_scheduler).__name__ == "MaskedDiffusionScheduler"
+
+
+def test_the_transformers_old_name_and_its_new_one_both_load(tmp_path):
+    # the shipped folder records the name the class had when it was saved; a fresh save records the new one
+    from mmdiff.models.transformer import MMDiffTransformer2DModel, MMDiTModel
+
+    assert MMDiTModel is MMDiffTransformer2DModel
+    old = json.loads((SHIPPED / "model_index.json").read_text())["transformer"]
+    assert old == ["mmdiff.models.transformer", "MMDiTModel"]
+    shipped = MMDiffTextToImagePipeline.from_pretrained(SHIPPED)
+    assert isinstance(shipped.transformer, MMDiffTransformer2DModel)
+    shipped.save_pretrained(tmp_path / "resaved")
+    index = json.loads((tmp_path / "resaved" / "model_index.json").read_text())
+    assert index["transformer"] == ["mmdiff.models.transformer", "MMDiffTransformer2DModel"]
+    config = json.loads((tmp_path / "resaved" / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == "MMDiffTransformer2DModel"
+    check_pipeline_folder(tmp_path / "resaved")
+    again = MMDiffTextToImagePipeline.from_pretrained(tmp_path / "resaved")
+    for (name, a), b in zip(shipped.transformer.state_dict().items(), again.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_the_command_line_refuses_such_a_folder_in_one_line(saved_pipe, tmp_path):

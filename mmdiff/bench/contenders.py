@@ -1,6 +1,7 @@
 """The two contenders built at matched size from one preset, and their units of work.
 
-mmdiff: `MMDiTModel` with its joint text encoder, in `MMDiffTextToImagePipeline` / `MMDiffImageToTextPipeline`.
+mmdiff: `MMDiffTransformer2DModel` with its joint text encoder, in `MMDiffTextToImagePipeline` /
+`MMDiffImageToTextPipeline`.
 PixArt: diffusers' `PixArtTransformer2DModel` in `PixArtAlphaPipeline`, with a random-init T5 encoder of the same
 width, heads and depth as mmdiff's text encoder. Both share one tiny random `AutoencoderKL`, one word-level tokenizer
 built here from a few captions (nothing is downloaded) and the same DDIM scheduler config.
@@ -27,8 +28,8 @@ from ..data.tokenizer import encode_captions, train_word_level_tokenizer
 from ..diffusion.flow import FlowSettings, make_flow_scheduler
 from ..diffusion.gaussian import make_noise_scheduler, noise_latents, sample_timesteps, timestep_to_t
 from ..diffusion.masked import MaskedDiffusionScheduler
-from ..diffusion.process import FlowProcess
-from ..models.transformer import MMDiTModel
+from ..diffusion.process import FlowProcess, GaussianProcess
+from ..models.transformer import MMDiffTransformer2DModel
 from ..models.vae import tiny_vae, vae_downsample_factor
 from ..pipelines.image_to_text import MMDiffImageToTextPipeline
 from ..pipelines.text_to_image import MMDiffTextToImagePipeline
@@ -176,7 +177,9 @@ def _image_batch(preset: BenchPreset, batch: int, device: torch.device, latent_s
     return latents.to(device), noisy.to(device), target.to(device), timesteps.to(device)
 
 
-def mmdiff_flow_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: int, device, autocast):
+def mmdiff_flow_image_step(
+    model: MMDiffTransformer2DModel, tokenizer, preset: BenchPreset, batch: int, device, autocast
+):
     """mmdiff's text -> image training step with the flow-matching objective (logit-normal sigmas, velocity
     target), otherwise as `mmdiff_image_step`."""
     model.train()
@@ -197,7 +200,7 @@ def mmdiff_flow_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, ba
     return _train_step(model, optimizer, loss, autocast)
 
 
-def mmdiff_image_step(model: MMDiTModel, tokenizer, preset: BenchPreset, batch: int, device, autocast):
+def mmdiff_image_step(model: MMDiffTransformer2DModel, tokenizer, preset: BenchPreset, batch: int, device, autocast):
     """mmdiff's text -> image training step: the joint text encoder makes the context (it is trained with the
     model), 10% condition dropout to the null context, the image forward, MSE, backward, AdamW."""
     model.train()
@@ -226,7 +229,7 @@ def caption_features(preset: BenchPreset, batch: int, channels: int, device):
     return features, mask
 
 
-def mmdiff_frozen_image_step(model: MMDiTModel, preset: BenchPreset, batch: int, device, autocast):
+def mmdiff_frozen_image_step(model: MMDiffTransformer2DModel, preset: BenchPreset, batch: int, device, autocast):
     """mmdiff's text -> image training step on precomputed features of a frozen text encoder (the same random
     features and mask as PixArt's step): projection, 10% condition dropout, the image forward, MSE, backward, AdamW."""
     model.train()
@@ -245,18 +248,20 @@ def mmdiff_frozen_image_step(model: MMDiTModel, preset: BenchPreset, batch: int,
     return _train_step(model, optimizer, loss, autocast)
 
 
-def mmdiff_joint_step(model: MMDiTModel, tokenizer, batch: int, device, autocast, latent_size: int, in_channels: int):
+def mmdiff_joint_step(
+    model: MMDiffTransformer2DModel, tokenizer, batch: int, device, autocast, latent_size: int, in_channels: int
+):
     """mmdiff's full training step: both directions (`joint_losses`) on one batch of image-caption pairs."""
     model.train()
     optimizer = _optimizer(model)
-    scheduler = make_noise_scheduler(NOISE_CONFIG)
+    process = GaussianProcess(make_noise_scheduler(NOISE_CONFIG))
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(batch, in_channels, latent_size, latent_size, generator=g).to(device)
     ids = caption_ids(tokenizer, batch, model.config.max_text_length).to(device)
     weights = LossWeights()
 
     def loss() -> torch.Tensor:
-        losses = joint_losses(model, latents, ids, tokenizer.pad_token_id, tokenizer.mask_token_id, scheduler, weights)
+        losses = joint_losses(model, latents, ids, tokenizer.pad_token_id, tokenizer.mask_token_id, process, weights)
         return losses["loss"]
 
     return _train_step(model, optimizer, loss, autocast)
@@ -289,7 +294,7 @@ def pixart_image_step(model: PixArtTransformer2DModel, preset: BenchPreset, batc
 # ---------------------------------------------------------------- pipelines
 
 
-def mmdiff_pipelines(model: MMDiTModel, vae, tokenizer):
+def mmdiff_pipelines(model: MMDiffTransformer2DModel, vae, tokenizer):
     """The text-to-image and captioning pipelines over the same components."""
     model.eval()
     components = {

@@ -227,7 +227,7 @@ def bench_caption(preset: BenchPreset, tokenizer, vae, device, autocast, compile
 
 
 # Each sampler at its best setting whose caption accuracy on the shipped model is within 0.5 points of the 16-step
-# schedule (measured with `mmdiff eval-samplers` on 512 held-out images, README "Caption samplers"); ReMDM remasking
+# schedule (measured with `mmdiff eval-samplers` on 512 held-out images, docs/results/caption-samplers.md); ReMDM
 # has no such setting (best: 94.3 % at 8 steps), so it is not here.
 BENCH_SAMPLERS = {
     "schedule K=16": {"sampler": "schedule", "num_inference_steps": 16},

@@ -1,4 +1,4 @@
-"""`mmdiff eval`, `mmdiff sweep`, `mmdiff eval-encoder` and `mmdiff plot`: evaluation on any shards.
+"""`mmdiff eval`, `sweep`, `eval-samplers`, `eval-encoder` and `plot`: evaluation on any shards.
 
 `add_parser(sub)` adds the subcommands to mmdiff's parser; `run(args)` runs one of them.
 """
@@ -15,11 +15,11 @@ from .sample import (
     add_folder_default,
     add_model_options,
     add_sampler_options,
+    add_scheduler_option,
+    add_seed_and_device,
     model_folder,
     sampler_settings,
 )
-
-EVAL_COMMANDS = ("eval", "sweep", "eval-encoder", "plot")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -40,19 +40,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_folder_default(parser, "--steps", int, "image denoising steps")
     add_folder_default(parser, "--caption-steps", int, "unmasking steps")
     parser.add_argument("--nll-levels", type=int, default=8, help="random mask levels per caption for the NLL bound")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--scheduler",
-        default=None,
-        help="ddpm | ddim | dpm++ | euler | euler_a | unipc (flow models: flow_euler | dpm++ | unipc)",
-    )
-    parser.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    add_seed_and_device(parser, batch_size=64)
+    add_scheduler_option(parser)
     add_sampler_options(parser)
 
 
 def add_parser(sub) -> None:
-    """Add `eval`, `sweep`, `eval-encoder` and `plot` to an argparse subparsers object."""
+    """Add `eval`, `sweep`, `eval-samplers`, `eval-encoder` and `plot` to an argparse subparsers object."""
     ev = sub.add_parser("eval", help="score a pipeline on any image-caption shards (both directions) -> JSON")
     _add_common(ev)
     ev.add_argument("--num-images", type=int, default=500)
@@ -96,9 +90,7 @@ def add_parser(sub) -> None:
     samplers.add_argument("--shards", required=True, help="held-out shards (folder, glob, brace range or list)")
     samplers.add_argument("--num", type=int, default=512, help="images to caption with every setting")
     samplers.add_argument("--guidance-scale", type=float, default=None, help="caption w (default: the folder's)")
-    samplers.add_argument("--batch-size", type=int, default=64)
-    samplers.add_argument("--seed", type=int, default=0)
-    samplers.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    add_seed_and_device(samplers, batch_size=64)
     samplers.add_argument("--out", default="outputs/samplers")
     plot = sub.add_parser("plot", help="a training run's losses and in-training evaluation against the step")
     plot.add_argument("run_dir", help="a `mmdiff train` output folder (holds metrics.jsonl)")
@@ -106,7 +98,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    """Dispatch one of EVAL_COMMANDS; prints a short summary and returns the exit status."""
+    """Run one of the commands `add_parser` adds; prints a short summary and returns the exit status."""
     if args.cmd == "plot":
         from ..eval.training_plot import plot_run
 
@@ -225,8 +217,7 @@ def _add_eval_encoder_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=None, help="default: the first training image's shorter side")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda ... (default: cuda when available)")
+    add_seed_and_device(p)
     p.add_argument("--max-records", type=int, default=None, help="read at most this many training records")
     p.add_argument("--max-val-records", type=int, default=5000)
     p.add_argument("--eval-every", type=int, default=0, help="also measure retrieval every N steps (0: at the end)")

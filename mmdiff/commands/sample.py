@@ -263,17 +263,30 @@ def _add_pipeline_options(parser, default_out: str, scheduler: bool = True) -> N
     """Options every sampling subcommand shares: the model, device, dtype, seed, output and progress bar."""
     add_model_options(parser)
     parser.add_argument("--out", default=default_out)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    add_seed_and_device(parser)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (pays off on many calls)")
     if scheduler:
-        parser.add_argument(
-            "--scheduler",
-            default=None,
-            help="ddpm | ddim | dpm++ | euler | euler_a | unipc (flow models: flow_euler | dpm++ | unipc)",
-        )
+        add_scheduler_option(parser)
+
+
+def add_seed_and_device(parser, batch_size: int | None = None) -> None:
+    """--seed (default 0), --device and, when given a default, --batch-size: the options every command that samples
+    shares, defined once."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def add_scheduler_option(parser) -> None:
+    """--scheduler: a diffusers image scheduler by name (unset: the folder's)."""
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="ddpm | ddim | dpm++ | euler | euler_a | unipc (flow models: flow_euler | dpm++ | unipc)",
+    )
 
 
 def add_folder_default(parser, flag: str, kind: type, what: str) -> None:

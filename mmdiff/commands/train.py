@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..config import load_config
+    from ..eval.in_training import TrainingEvalHooks
     from ..training.trainer import train
 
-    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    summary = train(load_config(args.config, args.overrides), resume=args.resume, hooks=TrainingEvalHooks())
     print(json.dumps(summary, indent=1))
     return 0

@@ -1,7 +1,8 @@
 """The classifier-free-guidance batch, built in one place for sampling, caption NLL and training.
 
-`GuidedDenoiser` wraps the model with a condition and its unconditional branch (in the spirit of k-diffusion's
-CFG wrappers): called with the noisy stream and t, it returns the guided prediction. Inside it the speed-ups that
+`GuidedModel` wraps the model with a condition and its unconditional branch (in the spirit of k-diffusion's CFG
+wrappers): called with the noisy sample and t, it returns the guided model prediction (noise, velocity or logits,
+as the model predicts them; the scheduler turns it into a denoised sample). Inside it the speed-ups that
 keep guidance cheap are applied once, for every caller:
 - the condition's cross-attention K/V are computed once per sampling call (`context_kv`);
 - the unconditional branch on the learned null context takes no K/V rows (null rows of `prepare_context`, one constant per block for
@@ -24,15 +25,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..diffusion.guidance import GUIDANCE_METHODS, NOT_ON_LOGITS, Guidance, guidance_active
-from ..models.transformer import MMDiTModel, select_context_rows
+from ..models.transformer import MMDiffTransformer2DModel, select_context_rows
 from .prepared import prepare_context
 
-# which null context stands in for a dropped condition of each noisy stream: images are conditioned on text, text on
-# images
-NULL_KIND = {"image": "text", "text": "image"}
+# the modality of each modality's condition (and so of the null context that stands in when it is dropped): images
+# are conditioned on text, text on images
+CONDITION_MODALITY = {"image": "text", "text": "image"}
 
 
-def stream_of(sample: torch.Tensor) -> str:
+def modality_of(sample: torch.Tensor) -> str:
     """ "image" for float latents, "text" for integer token ids (the model's own rule)."""
     return "image" if torch.is_floating_point(sample) else "text"
 
@@ -73,9 +74,9 @@ class GuidanceSpec:
     def with_scales(self, *scales: float) -> GuidanceSpec:
         return replace(self, scales=tuple(float(w) for w in scales))
 
-    def check_stream(self, stream: str) -> None:
-        """Refuse a method that is not defined on `stream`'s predictions (the text direction's logits)."""
-        if stream == "text" and self.method in NOT_ON_LOGITS:
+    def check_modality(self, modality: str) -> None:
+        """Refuse a method that is not defined on `modality`'s predictions (the text direction's logits)."""
+        if modality == "text" and self.method in NOT_ON_LOGITS:
             raise ValueError(f"guidance={self.method!r} does not apply to captions: {NOT_ON_LOGITS[self.method]}")
 
 
@@ -84,52 +85,66 @@ class WeakBranch:
     """Autoguidance's unconditional branch (Karras et al. 2024): a weaker model of the same kind (an earlier or
     smaller checkpoint) with the same condition, encoded by its own encoders: context and mask for the N rows."""
 
-    model: MMDiTModel
+    model: MMDiffTransformer2DModel
     context: torch.Tensor
     context_mask: torch.Tensor
 
 
-class GuidedDenoiser:
-    """model + condition + unconditional branch -> guided predictions, `denoiser(sample, t)`.
+@dataclass(frozen=True)
+class Condition:
+    """The condition of N rows and what guidance contrasts it with.
+
+    context, mask: the condition, (N, S, D) and (N, S).
+    negative: an explicit unconditional context and mask for the N rows (a negative prompt), padded to the
+        condition's length; None (and no `weak`) uses the learned null context.
+    weak: autoguidance's unconditional branch (`WeakBranch`), when the guidance method is "autoguidance".
+    """
+
+    context: torch.Tensor
+    mask: torch.Tensor
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    weak: WeakBranch | None = None
+
+
+class GuidedModel:
+    """model + condition + unconditional branch -> guided model predictions, `guided(sample, t)`.
 
     Args:
-        model: the MMDiTModel.
-        context, context_mask: the condition for N rows, (N, S, D) and (N, S).
-        stream: "image" (the sample is latents; the condition is text) or "text" (token ids; the condition is an image).
+        model: the MMDiffTransformer2DModel.
+        condition: the rows' `Condition` (context and mask, and a negative context or a weak model).
+        modality: "image" (the sample is latents; the condition is text) or "text" (token ids; the condition is an
+            image).
         guidance: a `GuidanceSpec`, or just the list of scales (plain CFG); S scales make a sweep of S groups of N rows.
-        negative: an explicit unconditional context and mask for the N rows (a negative prompt), padded to the
-            condition's length; None uses the learned null context.
-        weak: autoguidance's unconditional branch (`WeakBranch`), when the spec's method is "autoguidance".
         num_inference_steps: the sampling call's steps, for methods whose rule depends on the step (CFG-Zero*).
         cache_context: False recomputes the condition's K/V at every call (only `mmdiff bench` sets it, to measure
             what the cache saves; the output is the same).
 
     Calling it with `sample` (S*N rows: group g holds rows g*N..(g+1)*N) and the model time t in [0, 1] (a scalar, or
     (S*N,) per row when there is no guidance interval) returns the guided prediction for every row: float32 logits
-    for the text stream, the model's dtype for latents. `num_forward_rows` counts the rows the transformers ran.
+    for text, the model's dtype for latents. `num_forward_rows` counts the rows the transformers ran.
     """
 
     def __init__(
         self,
-        model: MMDiTModel,
-        context: torch.Tensor,
-        context_mask: torch.Tensor,
-        stream: str,
+        model: MMDiffTransformer2DModel,
+        condition: Condition,
+        modality: str,
         guidance: GuidanceSpec | Sequence[float] = GuidanceSpec(),
-        negative: tuple[torch.Tensor, torch.Tensor] | None = None,
-        weak: WeakBranch | None = None,
+        *,
         num_inference_steps: int | None = None,
         cache_context: bool = True,
     ):
-        if stream not in NULL_KIND:
-            raise ValueError(f"stream must be one of {tuple(NULL_KIND)}, got {stream!r}")
+        if modality not in CONDITION_MODALITY:
+            raise ValueError(f"modality must be one of {tuple(CONDITION_MODALITY)}, got {modality!r}")
+        context, context_mask = condition.context, condition.mask
+        negative, weak = condition.negative, condition.weak
         spec = guidance if isinstance(guidance, GuidanceSpec) else GuidanceSpec(scales=tuple(map(float, guidance)))
-        spec.check_stream(stream)
+        spec.check_modality(modality)
         if (spec.method == "autoguidance") != (weak is not None):
             raise ValueError("guidance='autoguidance' guides against a weak model: it needs its WeakBranch")
         if weak is not None and negative is not None:
             raise ValueError("autoguidance guides against the weak model: it takes no negative prompt")
-        self.model, self.stream, self.spec = model, stream, spec
+        self.model, self.modality, self.spec = model, modality, spec
         self.num_inference_steps = num_inference_steps
         self.interval, self.rescale = spec.interval, spec.rescale
         self.n, groups = context.shape[0], len(spec.scales)
@@ -164,7 +179,12 @@ class GuidedDenoiser:
             self.guiders[g]
             if old is not None and old[g] == w
             else Guidance(
-                self.spec.method, w, self.spec.rescale, self.num_inference_steps, self.stream, **dict(self.spec.params)
+                self.spec.method,
+                w,
+                self.spec.rescale,
+                self.num_inference_steps,
+                self.modality,
+                **dict(self.spec.params),
             )
             for g, w in enumerate(scales)
         ]
@@ -172,11 +192,12 @@ class GuidedDenoiser:
 
     @property
     def null_outputs(self) -> list[torch.Tensor] | None:
-        """The null-context rows' per-block outputs (`MMDiTModel.null_outputs`), computed once, when first needed."""
+        """The null-context rows' per-block outputs (`MMDiffTransformer2DModel.null_outputs`), computed once, when
+        first needed."""
         if self.negative_rows or self.weak is not None:
             return None
         if self._null_outputs is None:
-            self._null_outputs = self.model.null_outputs(NULL_KIND[self.stream])
+            self._null_outputs = self.model.null_outputs(CONDITION_MODALITY[self.modality])
         return self._null_outputs
 
     @property
@@ -242,7 +263,7 @@ class GuidedDenoiser:
                 )
                 pred_uncond = self.weak.model(weak_sample, t_rows, prepared=weak_context)
                 self.num_forward_rows += len(uncond_rows)
-            if self.stream == "text":
+            if self.modality == "text":
                 pred_cond, pred_uncond = pred_cond.float(), pred_uncond.float()
             return pred_uncond, pred_cond
         if len(uncond_rows):
@@ -253,7 +274,7 @@ class GuidedDenoiser:
             prepared = prepare_context(self.model, sample, mask, kv=kv)
         pred = self.model(sample, t, prepared=prepared)
         self.num_forward_rows += sample.shape[0] + len(uncond_rows)
-        if self.stream == "text":
+        if self.modality == "text":
             pred = pred.float()
         return pred[: len(uncond_rows)], pred[len(uncond_rows) :]
 
@@ -289,7 +310,7 @@ class GuidedDenoiser:
 
 
 def forward_with_dropout(
-    model: MMDiTModel,
+    model: MMDiffTransformer2DModel,
     sample: torch.Tensor,
     t: torch.Tensor,
     dropped: torch.Tensor,
@@ -306,10 +327,10 @@ def forward_with_dropout(
     context even then, so that every parameter has a gradient in every process of a DDP run (a process whose batch
     happened to drop no condition would otherwise leave the null context without one).
     """
-    kind = NULL_KIND[stream_of(sample)]
+    null_modality = CONDITION_MODALITY[modality_of(sample)]
     num_null = int(dropped.sum())
     if num_null in (0, len(dropped)):
-        context, mask = model.drop_context(*encode(None), dropped, kind)
+        context, mask = model.drop_context(*encode(None), dropped, null_modality)
         return model(sample, t, context, mask), None
     order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
     context, mask = encode(order[num_null:])

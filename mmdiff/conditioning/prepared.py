@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from ..models.blocks import AbsorbedContext, BlockContext
-from ..models.transformer import ContextCache, MMDiTModel, PreparedContext
+from ..models.transformer import ContextCache, MMDiffTransformer2DModel, PreparedContext
 
 
 def prepare_context(
-    model: MMDiTModel,
+    model: MMDiffTransformer2DModel,
     sample: torch.Tensor,
     context_mask: torch.Tensor | None = None,
     *,
@@ -64,7 +64,7 @@ def prepare_context(
     return PreparedContext(blocks, repeat)
 
 
-def query_tokens(model: MMDiTModel, sample: torch.Tensor) -> int:
+def query_tokens(model: MMDiffTransformer2DModel, sample: torch.Tensor) -> int:
     """Tokens the noisy stream has in the blocks: caption length, or latent patches."""
     if not torch.is_floating_point(sample):
         return sample.shape[1]
@@ -73,7 +73,7 @@ def query_tokens(model: MMDiTModel, sample: torch.Tensor) -> int:
 
 
 def _with_null_rows(
-    model: MMDiTModel,
+    model: MMDiffTransformer2DModel,
     sample: torch.Tensor,
     null_rows: int,
     batch: int,

@@ -3,7 +3,8 @@
 A model is trained either with the jointly trained text encoder (the transformer's own, on the caption tokenizer's
 ids) or with a frozen pretrained encoder (CLIP, T5, open_clip) whose hidden states the transformer projects. That
 choice is made here once (`TextConditioner.frozen`); a dropped or empty prompt becomes the learned null context
-through `MMDiTModel.drop_context`, in the pipeline and in `guided.forward_with_dropout`.
+through `MMDiffTransformer2DModel.drop_context`, in the pipeline and in
+`guided.forward_with_dropout`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.tokenizer import clip_bpe_tokenizer, encode_captions
 from ..models.text_encoders import encode_with_frozen_encoder
-from ..models.transformer import MMDiTModel
+from ..models.transformer import MMDiffTransformer2DModel
 
 
 def tokenize_for_frozen_encoder(
@@ -73,7 +74,7 @@ class TextConditioner:
 
     def context(
         self,
-        model: MMDiTModel,
+        model: MMDiffTransformer2DModel,
         input_ids: torch.Tensor | None = None,
         frozen: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +87,7 @@ class TextConditioner:
 
     @torch.no_grad()
     def joint_context(
-        self, model: MMDiTModel, prompts: list[str], device: torch.device | str
+        self, model: MMDiffTransformer2DModel, prompts: list[str], device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> the joint encoder's context (N, S, D) and key mask (N, S) for sampling (the pipeline gives the
         rows without a real token the null context, `MMDiffTextToImagePipeline.text_context`)."""

@@ -148,6 +148,31 @@ def _sample_layout(rng: random.Random, image_size: int) -> tuple[list[dict[str, 
         return objects, relation
 
 
+_MAX_SCENE_TRIES = 10_000
+
+
+def place_scene(scene: dict[str, Any], image_size: int, rng: random.Random) -> list[dict[str, Any]]:
+    """The objects of a given normalised scene with "center" and "extent", placed by the generator's rule (uniform
+    boxes inside the margins, rejection until the boxes are apart and the relation holds)."""
+    objects = [dict(obj) for obj in scene["objects"]]
+    extents = [object_extent(o["size"], image_size) for o in objects]
+    for _ in range(_MAX_SCENE_TRIES):
+        boxes = [_random_box(rng, extent, image_size) for extent in extents]
+        if len(boxes) == 2:
+            a, b = boxes
+            if not _boxes_apart(a, b, _gap(image_size)):
+                continue
+            dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
+            dy = (b[1] + b[2] / 2) - (a[1] + a[2] / 2)
+            if relation_of(dx, dy) != scene["relation"]:
+                continue
+        for obj, (x0, y0, ext) in zip(objects, boxes):
+            obj["center"] = [x0 + ext / 2, y0 + ext / 2]
+            obj["extent"] = ext
+        return objects
+    raise ValueError(f"could not place scene {scene} on a {image_size}px canvas")
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: dict[str, Any], scale: int) -> None:
     ext = obj["extent"] * scale
     x0 = round(obj["center"][0] * scale - ext / 2)

@@ -1,4 +1,4 @@
-"""Gaussian diffusion on VAE latents, driven by a diffusers scheduler (DESIGN.md, decision 4).
+"""Gaussian diffusion on VAE latents, driven by a diffusers scheduler (docs/architecture.md, decision 4).
 
 Training noise and targets come from `DDPMScheduler` (`add_noise`, `get_velocity`); sampling uses any compatible
 diffusers scheduler built from the same config. The model sees t = timestep / num_train_timesteps in [0, 1].
@@ -27,11 +27,6 @@ def make_noise_scheduler(config: dict[str, Any] | None = None) -> DDPMScheduler:
 def timestep_to_t(timesteps: torch.Tensor | float, num_train_timesteps: int) -> torch.Tensor:
     """Scheduler timesteps (integer or float, as samplers use) -> the model's noise level t in [0, 1]."""
     return torch.as_tensor(timesteps, dtype=torch.float32) / num_train_timesteps
-
-
-def t_to_timesteps(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """t in [0, 1] -> the nearest training timestep in [0, T-1]."""
-    return (t * num_train_timesteps).round().long().clamp(0, num_train_timesteps - 1)
 
 
 def sample_timesteps(

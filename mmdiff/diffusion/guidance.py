@@ -1,4 +1,4 @@
-"""Classifier-free guidance: the one combination rule used by both directions (DESIGN.md, decision 6)."""
+"""Classifier-free guidance: the one combination rule used by both directions (docs/architecture.md, decision 6)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def guidance_active(t: float, guidance_scale: float, guidance_interval: tuple[fl
 GUIDANCE_METHODS = {
     "cfg": (None, {}),
     # diffusers' eta = 1 keeps the update's component parallel to the conditional prediction, which makes APG equal
-    # CFG until its norm cap (measured on the shipped model, README "Guidance methods"); 0 drops it
+    # CFG until its norm cap (measured on the shipped model, docs/results/guidance-methods.md); 0 drops it
     "apg": ("AdaptiveProjectedGuidance", {"eta": 0.0}),
     "cfg_zero_star": ("ClassifierFreeZeroStarGuidance", {}),
     "tcfg": ("TangentialClassifierFreeGuidance", {}),
@@ -78,12 +78,12 @@ class Guidance:
         guidance_scale: float,
         guidance_rescale: float = 0.0,
         num_inference_steps: int | None = None,
-        stream: str = "image",
+        modality: str = "image",
         **params,
     ):
         if method not in GUIDANCE_METHODS:
             raise ValueError(f"guidance must be one of {tuple(GUIDANCE_METHODS)}, got {method!r}")
-        if stream == "text" and method in NOT_ON_LOGITS:
+        if modality == "text" and method in NOT_ON_LOGITS:
             raise ValueError(f"guidance={method!r} does not apply to captions: {NOT_ON_LOGITS[method]}")
         self.method, self.scale, self.rescale = method, float(guidance_scale), guidance_rescale
         self.num_inference_steps = num_inference_steps or 1000

@@ -3,7 +3,8 @@
 Forward process: every token is replaced by the mask token independently with probability t (linear schedule,
 alpha_t = 1 - t). The continuous-time ELBO is the cross-entropy on masked positions weighted by 1/t (Sahoo et al.
 2024, "Simple and Effective Masked Diffusion Language Models"). Pad positions are ordinary targets, so the model learns
-where a caption ends (as LLaDA does). Sampling starts from all masks and unmasks over K steps (DESIGN.md, decision 5).
+where a caption ends (as LLaDA does). Sampling starts from all masks and unmasks over K steps
+(docs/architecture.md, decision 5).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
     - "entropy" (EB-sampler; the default, at 0.003 nats): positions in order of confidence while the summed entropy
       of the chosen ones, less the largest, stays within `entropy_bound` (nats): the most confident one always goes.
       On the shipped shapes model it gives the 16-step schedule's caption accuracy with 3.8x fewer transformer rows
-      (README, "Caption samplers").
+      (docs/results/caption-samplers.md).
     `block_length` decodes left to right block by block (LLaDA's semi-autoregressive blocks): only the masked
     positions of the current block compete; "schedule" gives each block K / blocks steps, the others move on when a
     block is filled. The last block is shorter when the length is not a multiple of `block_length`.

@@ -83,13 +83,6 @@ class FlowProcess:
         return make_flow_scheduler(self.settings.shift)
 
 
-def as_image_process(process_or_scheduler) -> GaussianProcess | FlowProcess:
-    """An image process, or a diffusers `DDPMScheduler` taken as the Gaussian process it configures."""
-    if hasattr(process_or_scheduler, "training_inputs"):
-        return process_or_scheduler
-    return GaussianProcess(process_or_scheduler)
-
-
 def make_image_process(diffusion) -> GaussianProcess | FlowProcess:
     """The process a `diffusion:` config section (the dataclass or a mapping) describes."""
     get = diffusion.get if isinstance(diffusion, dict) else lambda key, default=None: getattr(diffusion, key, default)

@@ -5,11 +5,12 @@
 """
 
 from .benchmarks.shapes import load_real_scenes
+from .benchmarks.shapes.captions import caption_metrics
 from .benchmarks.shapes.detector import ATTRIBUTES, compare_scenes, detect_objects, detected_scene, score_image
 from .benchmarks.shapes.diversity import diversity_report, layout_descriptor, mean_pairwise_distance, render_prompt
-from .captions import caption_metrics, caption_nll, generate_captions
+from .caption_metrics import caption_nll, generate_captions
 from .metrics import caption_scores, clip_score, frechet_distance, kernel_inception_distance, precision_recall
-from .run import caption_report, evaluate, fidelity_report, generate_images
+from .run import caption_report, evaluate, generate_images
 from .sweep import sweep
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "detected_scene",
     "diversity_report",
     "evaluate",
-    "fidelity_report",
     "generate_captions",
     "frechet_distance",
     "generate_images",

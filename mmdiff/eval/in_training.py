@@ -4,7 +4,8 @@ The EMA weights sample `train.eval_images` images for the prompts of the first v
 seed `train.seed + i`, the same every time, so the curve shows the model, not the noise), and their FD to the real
 images of the same records, KID, CLIP score and R-precision are taken in the eval encoder's space. The figures go to
 `metrics.jsonl` and the trackers as `eval_fd`, `eval_kid`, `eval_clip_score`, `eval_r_precision`;
-`mmdiff plot RUN_DIR` draws them against the step.
+`mmdiff plot RUN_DIR` draws them against the step. The training core reaches it only through the hooks `mmdiff
+train` passes (`TrainingEvalHooks`), so the library does not import the evaluation lab.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from ..training.state import TrainerHooks
 from .features.spaces import resolve_encoders
 from .generic import image_space_metrics
 from .records import load_eval_records, require_records
@@ -61,3 +63,21 @@ class TrainingEvaluator:
         out = {f"eval_{k}": float(figures[k]) for k in keep if k in figures}
         out["eval_seconds"] = round(time.time() - started, 2)
         return out
+
+
+class TrainingEvalHooks(TrainerHooks):
+    """Training hooks that add the evaluation `train.eval_encoder` asks for (what `mmdiff train` passes)."""
+
+    def make_evaluator(self, cfg, device: str) -> TrainingEvaluator:
+        t = cfg.train
+        return TrainingEvaluator(
+            t.eval_encoder,
+            cfg.data.val_shards,
+            cfg.data.image_size,
+            num_images=t.eval_images,
+            num_inference_steps=t.eval_sampling_steps,
+            guidance_scale=cfg.sample.guidance_scale,
+            seed=t.seed,
+            batch_size=min(t.batch_size, 128),
+            device=device,
+        )

@@ -10,22 +10,14 @@ by CLIP score, by the benchmark when there is one; the NLL bounds with the image
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 
-from ..pipelines.factory import load_pipeline
-from .benchmarks import find_benchmark
-from .captions import caption_nll, generate_captions
-from .features.spaces import resolve_encoders
+from .caption_metrics import caption_nll, generate_captions
 from .generic import (
     R_PRECISION_R,
     caption_space_metrics,
@@ -33,12 +25,8 @@ from .generic import (
     image_space_metrics,
     spaces_report,
 )
-from .records import EvalRecords, load_eval_records, require_records
-
-
-def model_name(model) -> str:
-    """The folder a model was loaded from, or the pipeline class when an object was passed."""
-    return str(model) if isinstance(model, str | os.PathLike) else type(model).__name__
+from .harness import EvalRun, check_counts, write_json
+from .records import EvalRecords
 
 
 def generate_images(
@@ -63,13 +51,6 @@ def generate_images(
             generator=generators,
         ).images
     return images
-
-
-def fidelity_report(images: list[PIL.Image.Image], prompts: list[str]) -> dict[str, Any]:
-    """Shapes prompt accuracy and per-attribute accuracy of N images (see `benchmarks/shapes.py`)."""
-    from .benchmarks.shapes import ShapesBenchmark
-
-    return ShapesBenchmark().image_metrics(images, prompts, images[0].width if images else 32, 0)
 
 
 def evaluate(
@@ -104,31 +85,26 @@ def evaluate(
     with the next `num_images` records when the shards hold them. Everything random is seeded from `seed`; the JSON
     records the seeds, the prompts, the sample counts, the encoders, the model and the command line.
     """
-    started = time.time()
     check_counts(num_images=num_images, num_captions=num_captions, batch_size=batch_size)
-    records = load_eval_records(val_shards, max(num_images, num_captions) + num_images)
-    require_records(
-        records, max(num_images, num_captions), f"--num-images {num_images} / --num-captions {num_captions}"
-    )
-    benchmark = find_benchmark(records)
-    pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
-    # settings left unset: the folder's saved sample settings (recorded resolved in the JSON)
+    evaluated_count = max(num_images, num_captions)
+    run = EvalRun.open(
+        pipeline_folder, val_shards, evaluated_count + num_images, evaluated_count,
+        f"--num-images {num_images} / --num-captions {num_captions}", device, scheduler,
+    )  # fmt: skip
+    records, benchmark, pipe = run.records, run.benchmark, run.pipe
     # (caption_steps stays unset: the captioner's own sampler then runs, recorded below)
-    settings = pipe.fill_sample_settings(
+    settings = run.sample_settings(
         guidance_scale=guidance_scale,
         caption_guidance_scale=caption_guidance_scale,
         num_inference_steps=num_inference_steps,
     )
     guidance_scale, caption_guidance_scale = settings["guidance_scale"], settings["caption_guidance_scale"]
     num_inference_steps = settings["num_inference_steps"]
-    caption_sampler = effective_caption_sampler(pipe, caption_steps, caption_sampler)
-    evaluated = records.head(max(num_images, num_captions))
-    spaces, notes = resolve_encoders(
-        encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, evaluated.images,
-        evaluated.prompts,
-    )  # fmt: skip
+    caption_sampler = run.caption_sampler(caption_steps, caption_sampler)
+    evaluated = records.head(evaluated_count)
+    spaces = run.feature_spaces(encoder, clip, inception, evaluated.images, evaluated.prompts)
     t2i_records = records.head(num_images)
-    floor = records.slice(max(num_images, num_captions), max(num_images, num_captions) + num_images)
+    floor = records.slice(evaluated_count, evaluated_count + num_images)
     prompts = t2i_records.prompts
 
     # text -> image
@@ -172,13 +148,7 @@ def evaluate(
     )  # fmt: skip
 
     result = {
-        "model": model_name(pipeline_folder),
-        "command": shlex.join(sys.argv),
-        "val_shards": val_shards,
-        "benchmark": benchmark.name if benchmark else None,
-        "encoders": {name: enc.name for name, enc in spaces.items()},
-        "notes": notes,
-        "skipped_records": records.skipped,
+        **run.header(),
         "seed": seed,
         "seeds": {
             "image_i": f"{seed} + i",
@@ -205,27 +175,11 @@ def evaluate(
         "diversity_samples": diversity_samples,
         "text_to_image": t2i,
         "image_to_text": i2t,
-        "seconds": round(time.time() - started, 1),
-        "versions": _versions(),
+        "seconds": run.seconds(),
     }
     if out is not None:
         write_json(out, result)
     return result
-
-
-def effective_caption_sampler(pipe, caption_steps: int | None, given: dict[str, Any] | None) -> dict[str, Any]:
-    """The caption sampler a run uses, for its record: the options given, else the K-step schedule when caption steps
-    are given, else the text scheduler's configured sampler with its parameter."""
-    if given:
-        return dict(given)
-    if caption_steps is not None:
-        return {"sampler": "schedule", "num_inference_steps": caption_steps}
-    config = pipe.text_scheduler.config
-    parameter = {"entropy": "entropy_bound", "threshold": "threshold"}.get(config.sampler)
-    sampler = {"sampler": config.sampler, **({parameter: config[parameter]} if parameter else {})}
-    if config.sampler == "schedule":
-        sampler["num_inference_steps"] = pipe.default_caption_steps()
-    return sampler
 
 
 def caption_report(
@@ -272,52 +226,3 @@ def caption_report(
     else:
         report["samples"] = [{"caption": t, "references": r} for t, r in zip(texts[:20], records.references[:20])]
     return report
-
-
-def check_counts(**counts: int) -> None:
-    """Every sample count must be a positive integer (a count of 0 would divide by zero in the averages)."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def write_json(path: str | os.PathLike, value: Any) -> Path:
-    """Strict JSON (NaN and infinities become null, numpy scalars plain numbers), parent folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(value), indent=1, default=_json_default, allow_nan=False))
-    return path
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float | np.floating) and not np.isfinite(value):
-        return None
-    return value
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import diffusers
-
-    try:
-        mmdiff_version = version("mmdiff")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        mmdiff_version = ""
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "mmdiff": mmdiff_version,
-    }
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -19,10 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..pipelines import as_image_to_text
-from ..pipelines.factory import load_pipeline
-from .benchmarks import find_benchmark
 from .generic import generic_caption_metrics
-from .records import load_eval_records, require_records
+from .harness import EvalRun
 
 # (label, pipeline keyword arguments): today's default first, then each sampler over its main parameter
 DEFAULT_SETTINGS: list[tuple[str, dict[str, Any]]] = [
@@ -86,11 +84,9 @@ def compare_caption_samplers(
 ) -> dict[str, Any]:
     """Caption the first `num` records with every setting; see the module doc. Returns the JSON record."""
     settings = settings or DEFAULT_SETTINGS
-    records = load_eval_records(shards, num)
-    require_records(records, num, f"--num {num}")
-    benchmark = find_benchmark(records)
-    i2t = as_image_to_text(load_pipeline(model, device=device, progress=False))
-    guidance_scale = i2t.sample_config.caption_guidance_scale if guidance_scale is None else guidance_scale
+    run = EvalRun.open(model, shards, num, num, f"--num {num}", device)
+    records, benchmark, i2t = run.records, run.benchmark, as_image_to_text(run.pipe)
+    guidance_scale = run.sample_settings(caption_guidance_scale=guidance_scale)["caption_guidance_scale"]
     i2t(records.images[:2], guidance_scale=guidance_scale)  # warm-up: first-call costs out of the timings
     rows_out = []
     for label, kwargs in tqdm(settings, desc="samplers"):
@@ -110,12 +106,10 @@ def compare_caption_samplers(
             }
         )
     record = {
-        "model": str(model),
-        "shards": shards,
+        **run.header(),
         "num": num,
         "guidance_scale": guidance_scale,
         "seed": seed,
-        "benchmark": benchmark.name if benchmark else None,
         "device": str(i2t._execution_device),
         "torch_threads": torch.get_num_threads(),
         "settings": rows_out,

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import csv
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 
-from ..pipelines.factory import load_pipeline
-from .benchmarks import find_benchmark
-from .features.spaces import resolve_encoders
 from .generic import R_PRECISION_R, image_space_metrics, spaces_report
+from .harness import EvalRun, check_counts, write_json
 from .plots import plot_methods, plot_sweep, save_labeled_grid
-from .records import load_eval_records
-from .run import caption_report, check_counts, effective_caption_sampler, model_name, write_json
+from .run import caption_report
 
 DEFAULT_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 DEFAULT_CAPTION_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -115,26 +110,22 @@ def sweep(
     interval), written to methods.csv, methods_grid.png and methods_plot.png; "autoguidance" needs `weak_model` (a
     pipeline folder of an earlier or smaller checkpoint). Returns the JSON record (also written to sweep.json).
     """
-    started = time.time()
     check_counts(num_prompts=num_prompts, images_per_prompt=images_per_prompt, num_captions=num_captions)
     scales = [float(w) for w in scales]
     caption_scales = [float(w) for w in caption_scales]
     if not scales or not caption_scales:
         raise ValueError("--scales and --caption-scales each need at least one guidance scale")
     k = images_per_prompt
-    records = load_eval_records(val_shards, max(num_captions, num_prompts * k))
-    benchmark = find_benchmark(records)
+    run = EvalRun.open(
+        pipeline_folder, val_shards, max(num_captions, num_prompts * k), device=device, scheduler=scheduler
+    )
+    records, benchmark, pipe = run.records, run.benchmark, run.pipe
     prompts = distinct_prompts(records.prompts, num_prompts)
     expanded = [p for p in prompts for _ in range(k)]
     reference = records.head(max(len(expanded), 2))
-    pipe = load_pipeline(pipeline_folder, device=device, scheduler=scheduler, progress=False)
-    # steps left unset: the folder's saved sample settings (recorded resolved in the JSON)
-    num_inference_steps = pipe.fill_sample_settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
-    caption_sampler = effective_caption_sampler(pipe, caption_steps, caption_sampler)
-    spaces, notes = resolve_encoders(
-        encoder, clip, inception, benchmark, str(pipe._execution_device), pipe.image_size, records.images,
-        records.prompts,
-    )  # fmt: skip
+    num_inference_steps = run.sample_settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
+    caption_sampler = run.caption_sampler(caption_steps, caption_sampler)
+    spaces = run.feature_spaces(encoder, clip, inception, records.images, records.prompts)
     out = Path(out_dir)
     real_features = {name: enc.image_features(reference.images) for name, enc in spaces.items()}
 
@@ -202,13 +193,7 @@ def sweep(
     _write_csv(out / "captions.csv", caption_rows)
     plot_sweep(table, caption_rows, out / "sweep_plot.png", has_interval="on" in runs, timing=timing)
     record = {
-        "model": model_name(pipeline_folder),
-        "command": shlex.join(sys.argv),
-        "val_shards": val_shards,
-        "benchmark": benchmark.name if benchmark else None,
-        "encoders": {name: enc.name for name, enc in spaces.items()},
-        "notes": notes,
-        "skipped_records": records.skipped,
+        **run.header(),
         "seed": seed,
         "seeds": "image r of prompt p: seed + p * images_per_prompt + r; caption i: seed + i",
         "prompts": prompts,
@@ -230,7 +215,7 @@ def sweep(
         "image_to_text": caption_rows,
         "interval": timing,
         "files": {name: name for name in ("grid.png", "sweep.csv", "captions.csv", "sweep_plot.png")},
-        "seconds": round(time.time() - started, 1),
+        "seconds": run.seconds(),
     }
     write_json(out / "sweep.json", record)
     return record

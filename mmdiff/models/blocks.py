@@ -41,7 +41,7 @@ class SelfAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.slice_size: int | None = None  # attention slicing (`MMDiTModel.set_attention_slice`)
+        self.slice_size: int | None = None  # attention slicing (the model's `set_attention_slice`)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -99,7 +99,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.slice_size: int | None = None  # attention slicing (`MMDiTModel.set_attention_slice`)
+        self.slice_size: int | None = None  # attention slicing (the model's `set_attention_slice`)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)

@@ -1,9 +1,9 @@
-"""MMDiT: one diffusion transformer for both directions between images and text.
+"""MMDiffTransformer2DModel: one cross-attention DiT for both directions between images and text.
 
-The same blocks denoise either stream, chosen by the input: float latents (N, C, H, W) are the image task, integer
+The same blocks denoise either modality, chosen by the input: float latents (N, C, H, W) are the image task, integer
 token ids (N, L) are the text task. Each stream cross-attends to a context sequence (text for images, image for text)
 with a key padding mask; a learned null context stands in when the condition is dropped. The model returns raw
-predictions only: noise processes, losses and guidance live in `mmdiff.diffusion` (DESIGN.md, decision 3).
+predictions only: noise processes, losses and guidance live in `mmdiff.diffusion` (docs/architecture.md, decision 3).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .hooks import offload_entry_point, weights_under_hooks
 
 TASK_IMAGE, TASK_TEXT = 0, 1
 ADALN_MODES = ("per_block", "single")
-CONTEXT_KINDS = ("text", "image")
-# one block's cross-attention cache for a fixed context (`MMDiTModel.context_kv`): keys and values, or absorbed
+MODALITIES = ("text", "image")
+# one block's cross-attention cache for a fixed context (the model's `context_kv`): keys and values, or absorbed
 ContextCache = tuple[torch.Tensor, torch.Tensor] | AbsorbedContext
 
 
@@ -78,7 +78,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freqs.to(dtype))
 
 
-class MMDiTModel(ModelMixin, ConfigMixin):
+class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
     """Shared DiT backbone with image and text heads, a joint text context encoder and an image context encoder.
 
     Args:
@@ -273,14 +273,16 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
     @offload_entry_point
-    def null_context(self, kind: str, batch_size: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned null context for `kind` ("text" or "image"), right-padded to `length` tokens.
+    def null_context(
+        self, modality: str, batch_size: int, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned null context for `modality` ("text" or "image"), right-padded to `length` tokens.
 
         Returns (N, length, D) and its key mask (N, length).
         """
-        if kind not in CONTEXT_KINDS:
-            raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
-        null = self.null_text_context if kind == "text" else self.null_image_context
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown context modality {modality!r}; expected one of {MODALITIES}")
+        null = self.null_text_context if modality == "text" else self.null_image_context
         n_null = null.shape[0]
         length = max(length or n_null, n_null)
         context = null.new_zeros(batch_size, length, null.shape[1])
@@ -291,10 +293,10 @@ class MMDiTModel(ModelMixin, ConfigMixin):
 
     @offload_entry_point
     def drop_context(
-        self, context: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, kind: str
+        self, context: torch.Tensor, mask: torch.Tensor, drop_ids: torch.Tensor, modality: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the rows where `drop_ids` (N,) is True with the null context (condition dropout / CFG)."""
-        null, null_mask = self.null_context(kind, context.shape[0], context.shape[1])
+        null, null_mask = self.null_context(modality, context.shape[0], context.shape[1])
         if null.shape[1] > context.shape[1]:  # a context shorter than the null context: pad it
             pad = null.shape[1] - context.shape[1]
             context = torch.nn.functional.pad(context, (0, 0, 0, pad))
@@ -340,17 +342,17 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         return context_length * (width + query_tokens * heads) < query_tokens * width
 
     @offload_entry_point
-    def null_outputs(self, kind: str) -> list[torch.Tensor]:
-        """What each block needs for rows on the null context of `kind`, fixed for fixed weights: compute it once per
+    def null_outputs(self, modality: str) -> list[torch.Tensor]:
+        """What each block needs for rows on the null context of `modality`, fixed for fixed weights: compute it once per
         sampling call and hand it to `mmdiff.conditioning.prepare_context`.
 
         One-token null context: the block's cross-attention output (1, D), the same for every query. Longer: the
         block's null keys and values stacked, (2, 1, H, n_null, d), which `mmdiff.conditioning.prepare_context`
         prepends to the other rows' K/V.
         """
-        if kind not in CONTEXT_KINDS:
-            raise ValueError(f"unknown context kind {kind!r}; expected one of {CONTEXT_KINDS}")
-        null = self.null_text_context if kind == "text" else self.null_image_context
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown context modality {modality!r}; expected one of {MODALITIES}")
+        null = self.null_text_context if modality == "text" else self.null_image_context
         if null.shape[0] == 1:
             return [block.cross_attn.single_key_output(null) for block in self.blocks]
         return [torch.stack(block.cross_attn.context_kv(null[None])) for block in self.blocks]
@@ -411,3 +413,9 @@ class MMDiTModel(ModelMixin, ConfigMixin):
         h, w = height // p, width // p
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+
+# The class's name until 0.1: saved folders record it in model_index.json (["mmdiff.models.transformer", "MMDiTModel"],
+# assets/shapes_small included) and in transformer/config.json, and load through this alias. ("MMDiT" is SD3's joint
+# attention with per-modality weights; this model is a cross-attention DiT.)
+MMDiTModel = MMDiffTransformer2DModel

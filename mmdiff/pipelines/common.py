@@ -23,7 +23,7 @@ from ..data.images import prepare_image
 from ..diffusion.masked import MaskedDiffusionScheduler
 from ..hub import resolve_pretrained
 from ..models.text_encoders import OpenCLIPTextEncoder
-from ..models.transformer import MMDiTModel
+from ..models.transformer import MMDiffTransformer2DModel
 from ..models.vae import encode_latents, vae_downsample_factor
 from .loading import PipelineLoadError, check_model_index, check_pipeline_folder, load_error
 from .schedulers import scheduler_family
@@ -39,9 +39,9 @@ OBJECTIVES = ("gaussian", "flow")
 
 
 class MMDiffPipelineBase(DiffusionPipeline):
-    """Components: `transformer` (MMDiTModel), `vae` (AutoencoderKL), `scheduler` (any diffusers image scheduler),
-    `text_scheduler` (MaskedDiffusionScheduler), `tokenizer` (caption tokenizer with mask and pad tokens), and
-    optionally a frozen `text_encoder` with its own `text_encoder_tokenizer`.
+    """Components: `transformer` (MMDiffTransformer2DModel), `vae` (AutoencoderKL), `scheduler` (any diffusers image
+    scheduler), `text_scheduler` (MaskedDiffusionScheduler), `tokenizer` (caption tokenizer with mask and pad tokens),
+    and optionally a frozen `text_encoder` with its own `text_encoder_tokenizer`.
 
     Settings, registered in the pipeline's own config (`model_index.json`, like diffusers' `requires_safety_checker`),
     so `from_pretrained`, `save_pretrained` and `Cls.from_pipe(pipe)` carry them:
@@ -58,7 +58,7 @@ class MMDiffPipelineBase(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: MMDiTModel,
+        transformer: MMDiffTransformer2DModel,
         vae: AutoencoderKL,
         scheduler: SchedulerMixin,
         text_scheduler: MaskedDiffusionScheduler,
@@ -315,9 +315,9 @@ def guidance_spec(
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
     weak_model=None,
-    stream: str = "image",
+    modality: str = "image",
 ) -> GuidanceSpec:
-    """A call's guidance arguments, checked once, as the one value the guided denoiser takes (see `GuidanceSpec`).
+    """A call's guidance arguments, checked once, as the one value the guided model takes (see `GuidanceSpec`).
     Each problem is a ValueError/TypeError naming the argument."""
     scales = tuple(check_number("guidance_scale", w, 0.0, meaning=" (1 = no guidance)") for w in guidance_scales)
     if guidance_params is not None and not isinstance(guidance_params, dict):
@@ -332,7 +332,7 @@ def guidance_spec(
         rescale=check_number("guidance_rescale", guidance_rescale, 0.0, 1.0),
         weak_model=weak_model,
     )
-    spec.check_stream(stream)
+    spec.check_modality(modality)
     return spec
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from ..checks import check_number
-from ..conditioning.guided import GuidedDenoiser, WeakBranch
+from ..conditioning.guided import Condition, GuidedModel, WeakBranch
 from ..data.tokenizer import decode_captions, encode_captions
 from ..diffusion.masked import MaskedDiffusionScheduler, check_sampler
 from .common import ImageInput, MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
@@ -55,6 +55,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         temperature: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         num_captions: int | None = None,
+        num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_tokens: bool = False,
         return_dict: bool = True,
@@ -88,6 +89,10 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             "random" (MDLM ancestral order); given without `sampler`, it selects the schedule sampler.
         temperature: 0 picks the argmax; > 0 samples with float64 Gumbel noise.
         guidance_interval: (t_low, t_high) mask levels where CFG applies; elsewhere only the conditional pass runs.
+        num_images_per_prompt: captions per image (diffusers' name for several outputs per input), next to each
+            other in the output: image i's are captions i * n ... i * n + n - 1 (they differ with temperature > 0 or
+            a random sampler; at temperature 0 they are the same caption). With image=None it multiplies
+            `num_captions`.
         generator: one generator, or one per caption; with a list, caption i draws all its randomness from
             generator i, so a batched call returns exactly what per-image calls with the same seeds return.
         return_tokens: also return the token ids and per-token confidences.
@@ -133,7 +138,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             guidance_interval,
             0.0,
             None if unconditional else weak_model,
-            stream="text",
+            modality="text",
         )
         self.check_callback_inputs(callback_on_step_end_tensor_inputs)
         self._guidance_scale, self._interrupt = spec.scales[0], False
@@ -151,6 +156,9 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             max_length, num_inference_steps,
         )  # fmt: skip
         temperature = check_number("temperature", temperature, 0.0, meaning=" (0 = argmax)")
+        per_image = num_images_per_prompt
+        if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {per_image!r}")
         device = self._execution_device
 
         # 2. the image context, or the null context for unconditional captions
@@ -158,6 +166,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             batch = 1 if num_captions is None else num_captions
             if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
                 raise ValueError(f"num_captions must be a positive integer, got {num_captions}")
+            batch *= per_image
             context, context_mask = self.transformer.null_context("image", batch)
         else:
             pixels = self.preprocess_images(image)
@@ -165,26 +174,34 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
             if num_captions is not None and num_captions != batch:
                 raise ValueError(f"num_captions={num_captions} is for image=None; got {batch} images")
             latents = self.encode_images(pixels)
+            if isinstance(prompt, list | tuple) and len(prompt) != batch:
+                raise ValueError(f"got {len(prompt)} prompts for {batch} images")
+            if per_image > 1:
+                latents = latents.repeat_interleave(per_image, 0)
+                prompt = (
+                    prompt if not isinstance(prompt, list | tuple) else [p for p in prompt for _ in range(per_image)]
+                )
+                batch *= per_image
             context, context_mask = self.transformer.encode_image(latents)
         generator = per_sample_generators(generator, batch)
 
         # 3. initial caption: the fixed prompt tokens, masks everywhere else
         ids, fixed, blanks = self.initial_tokens(prompt, batch, max_length, device)
 
-        # 4. the guided denoiser: the image context's K/V once for the call; the unconditional branch is the learned
+        # 4. the guided model: the image context's K/V once for the call; the unconditional branch is the learned
         # null image context (or autoguidance's weak model)
         weak = None
         if spec.weak_model is not None:
             weak_pipe = self.weak_pipeline(spec.weak_model)
             weak = WeakBranch(weak_pipe.transformer, *weak_pipe.transformer.encode_image(latents))
-        denoiser = GuidedDenoiser(
-            self.transformer, context, context_mask, "text", spec, None, weak, num_inference_steps,
-            cache_context=self.cache_context_kv,
+        guided_model = GuidedModel(
+            self.transformer, Condition(context, context_mask, weak=weak), "text", spec,
+            num_inference_steps=num_inference_steps, cache_context=self.cache_context_kv,
         )  # fmt: skip
 
         # 5. unmask
         ids, confidences, rows = self._unmask(
-            scheduler, denoiser, ids, fixed, blanks, num_inference_steps, generator, temperature, remasking,
+            scheduler, guided_model, ids, fixed, blanks, num_inference_steps, generator, temperature, remasking,
             callback_on_step_end, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
 
@@ -213,7 +230,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         return MaskedDiffusionScheduler.from_config(self.text_scheduler.config, **overrides)
 
     def _unmask(
-        self, scheduler, denoiser, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback,
+        self, scheduler, guided_model, ids, fixed, blanks, num_steps, generator, temperature, remasking, callback,
         callback_inputs=("token_ids",),
     ) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
         """Unmask until no position is masked. Each step runs the transformer on the captions that still have a
@@ -231,8 +248,8 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
         self._num_timesteps, taken = len(levels), 0
         with self.progress_bar(total=len(levels)) as progress:
             for i, level in enumerate(levels):
-                if self._guidance_scale != denoiser.scales[0]:  # a step callback changed w
-                    denoiser.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
+                if self._guidance_scale != guided_model.scales[0]:  # a step callback changed w
+                    guided_model.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 active = (ids == mask_id).any(1)
                 if not active.any():
                     if adaptive:
@@ -247,7 +264,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                     if adaptive
                     else level
                 )
-                logits = denoiser(sub, t, rows)
+                logits = guided_model(sub, t, rows)
                 # a template blank is a word: pad there would cut the caption short
                 sub_blanks = blanks if rows is None else blanks[rows]
                 logits[..., pad_id] = logits[..., pad_id].masked_fill(sub_blanks, float("-inf"))
@@ -271,7 +288,7 @@ class MMDiffImageToTextPipeline(MMDiffPipelineBase):
                 progress.update()
         if adaptive:  # as many steps as the captions needed
             self._num_timesteps = taken
-        return ids, confidences, denoiser.num_forward_rows
+        return ids, confidences, guided_model.num_forward_rows
 
     def _step(
         self,

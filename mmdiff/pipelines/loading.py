@@ -62,11 +62,14 @@ class PipelineLoadError(ValueError):
 # image_to_text.py; tests/test_untrusted_folders.py checks that the names match)
 PIPELINE_CLASS_NAMES = ("MMDiffTextToImagePipeline", "MMDiffImageToTextPipeline")
 # mmdiff's own component classes, by the [library, class_name] that save_pretrained records for them: their module
-# path, and the package front door (`mmdiff/__init__.py`) that re-exports some of them
+# path, and the package front door (`mmdiff/__init__.py`) that re-exports some of them; "MMDiTModel" is the
+# transformer's name in folders saved before it was renamed (an alias of the same class)
 OWN_COMPONENTS = {
+    ("mmdiff.models.transformer", "MMDiffTransformer2DModel"),
     ("mmdiff.models.transformer", "MMDiTModel"),
     ("mmdiff.diffusion.masked", "MaskedDiffusionScheduler"),
     ("mmdiff.models.text_encoders", "OpenCLIPTextEncoder"),
+    ("mmdiff", "MMDiffTransformer2DModel"),
     ("mmdiff", "MMDiTModel"),
     ("mmdiff", "MaskedDiffusionScheduler"),
 }

@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..checks import check_number
-from ..conditioning.guided import GuidanceSpec, GuidedDenoiser, WeakBranch
+from ..conditioning.guided import Condition, GuidanceSpec, GuidedModel, WeakBranch
 from ..diffusion.gaussian import timestep_to_t
 from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
@@ -353,7 +353,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         if negative_embeds is not None and negative_prompt is not None:
             raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
 
-        # 2. encode the prompt and the unconditional branch once; the guided denoiser caches their cross-attention
+        # 2. encode the prompt and the unconditional branch once; the guided model caches their cross-attention
         # K/V for the call. Without a negative prompt the unconditional rows use the learned null context.
         prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
             prompt, True, negative_prompt, num_images_per_prompt, device, prompt_embeds, negative_embeds, prompt_mask,
@@ -377,8 +377,12 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                 raise ValueError("autoguidance encodes the prompt with the weak model's own encoder: pass prompt")
             weak_pipe = self.weak_pipeline(spec.weak_model)
             weak = WeakBranch(weak_pipe.transformer, *weak_pipe.text_context(*weak_pipe.encode_prompt(prompts)[:2]))
-        denoiser = GuidedDenoiser(
-            self.transformer, context, context_mask, "image", spec, negative, weak, num_inference_steps
+        guided_model = GuidedModel(
+            self.transformer,
+            Condition(context, context_mask, negative=negative, weak=weak),
+            "image",
+            spec,
+            num_inference_steps=num_inference_steps,
         )
 
         # 3. prepare latents: one draw of N, shared by every group of the sweep
@@ -404,17 +408,17 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             for i, timestep in enumerate(self.scheduler.timesteps):
                 if self.interrupt:
                     continue
-                if s == 1 and self._guidance_scale != denoiser.scales[0]:  # a step callback changed w
-                    denoiser.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
+                if s == 1 and self._guidance_scale != guided_model.scales[0]:  # a step callback changed w
+                    guided_model.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 t = timestep_to_t(timestep, num_train).to(device)
-                guided = denoiser(self._scale_model_input(latents, timestep), t)
+                guided = guided_model(self._scale_model_input(latents, timestep), t)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
                 out = self.run_callback(
                     callback_on_step_end, i, timestep, {"latents": latents}, callback_on_step_end_tensor_inputs
                 )
                 latents = out.get("latents", latents)
                 progress.update()
-        return prompts, latents, denoiser.num_forward_rows
+        return prompts, latents, guided_model.num_forward_rows
 
     @property
     def vae_scale(self) -> int:

@@ -120,9 +120,9 @@ def load_model(folder: str | Path, device: str | None = None, samples: str | Pat
 
 def read_samples(spec: str | Path, count: int = 16) -> list[tuple[str, PIL.Image.Image, str]]:
     """The first `count` records of image-caption shards: (key, image, reference caption), as `mmdiff demo` reads."""
-    from ..demo import _held_out
+    from ..demo import first_records
 
-    return [(key, image, caption) for key, image, caption, _ in _held_out(spec, count)]
+    return [(key, image, caption) for key, image, caption, _ in first_records(spec, count)]
 
 
 # ------------------------------------------------------------------ checks

@@ -10,8 +10,8 @@ import torch
 from ..conditioning.guided import forward_with_dropout
 from ..diffusion.gaussian import image_loss
 from ..diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
-from ..diffusion.process import FlowProcess, GaussianProcess, as_image_process
-from ..models.transformer import MMDiTModel
+from ..diffusion.process import FlowProcess, GaussianProcess
+from ..models.transformer import MMDiffTransformer2DModel
 
 
 @dataclass
@@ -31,7 +31,7 @@ def drop_ids(batch_size: int, p: float, device, generator: torch.Generator | Non
 
 
 def image_task_loss(
-    model: MMDiTModel,
+    model: MMDiffTransformer2DModel,
     noisy: torch.Tensor,
     target: torch.Tensor,
     t: torch.Tensor,
@@ -53,12 +53,12 @@ def image_task_loss(
 
 
 def joint_losses(
-    model: MMDiTModel,
+    model: MMDiffTransformer2DModel,
     latents: torch.Tensor,
     input_ids: torch.Tensor,
     pad_token_id: int,
     mask_token_id: int,
-    image_process,
+    image_process: GaussianProcess | FlowProcess,
     weights: LossWeights,
     text_context: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
@@ -67,8 +67,7 @@ def joint_losses(
     """One step's losses for text -> image (the image process: Gaussian or flow matching) and image -> text (MDLM).
 
     Args:
-        image_process: a `GaussianProcess` / `FlowProcess` (`mmdiff.diffusion.process`), or a diffusers
-            `DDPMScheduler` (the Gaussian process it configures).
+        image_process: a `GaussianProcess` / `FlowProcess` (`mmdiff.diffusion.process`).
         latents: (N, C, H, W) clean scaled VAE latents z0. input_ids: (N, L) clean caption ids, pad-filled.
         text_context: a frozen encoder's projected context and mask, (N, S, D) and (N, S); None uses the joint
             text encoder on `input_ids`.
@@ -82,8 +81,7 @@ def joint_losses(
 
     # text -> image: the caption is the context, dropped to the null context with p = image_cond_drop
     dropped = drop_ids(n, weights.image_cond_drop, device, generator)
-    process = as_image_process(image_process)
-    noisy, target, t_image, extra = process.training_inputs(latents, generator)
+    noisy, target, t_image, extra = image_process.training_inputs(latents, generator)
 
     def encode_text(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if text_context is not None:
@@ -91,7 +89,7 @@ def joint_losses(
         ids = input_ids if rows is None else input_ids[rows]
         return model.encode_text(ids, ids != pad_token_id)
 
-    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text, process, extra)
+    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text, image_process, extra)
 
     # image -> text: the clean latents are the context, dropped with p = text_cond_drop
     dropped_images = drop_ids(n, weights.text_cond_drop, device, generator)
@@ -118,15 +116,15 @@ class JointObjective(torch.nn.Module):
 
     def __init__(
         self,
-        model: MMDiTModel,
-        image_process,
+        model: MMDiffTransformer2DModel,
+        image_process: GaussianProcess | FlowProcess,
         weights: LossWeights,
         pad_token_id: int,
         mask_token_id: int,
     ):
         super().__init__()
         self.model = model
-        self.image_process = as_image_process(image_process)
+        self.image_process = image_process
         self.weights = weights
         self.pad_token_id = pad_token_id
         self.mask_token_id = mask_token_id

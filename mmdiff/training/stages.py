@@ -17,7 +17,7 @@ from ..data.shards import SkipStats, expand_urls, read_captions
 from ..data.tokenizer import build_tokenizer, load_tokenizer
 from ..hub import resolve_pretrained
 from ..models.text_encoders import load_frozen_text_encoder
-from ..models.transformer import MMDiTModel
+from ..models.transformer import MMDiffTransformer2DModel
 from ..models.vae import load_vae, tiny_vae, vae_downsample_factor
 from .checkpoint import atomic_dir
 from .vae_trainer import train_vae
@@ -94,7 +94,7 @@ def load_text_encoder(cfg: Config, device) -> tuple:
     return encoder.to(device), tokenizer
 
 
-def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> MMDiTModel:
+def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> MMDiffTransformer2DModel:
     """The MMDiT sized for the configured data, tokenizer and VAE latents."""
     m = cfg.model
     factor = vae_downsample_factor(vae)
@@ -119,9 +119,9 @@ def transformer_from_config(
     vocab_size: int,
     max_text_length: int,
     external_text_dim: int | None = None,
-) -> MMDiTModel:
+) -> MMDiffTransformer2DModel:
     """The MMDiT a `model:` config section describes, for the given data shapes (training and `mmdiff bench`)."""
-    return MMDiTModel(
+    return MMDiffTransformer2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
         patch_size=m.patch_size,
@@ -144,27 +144,20 @@ def build_pipeline(
     transformer, vae, scheduler, tokenizer, text_encoder=None, text_encoder_tokenizer=None, training_config=None
 ):
     """The sampling pipeline for a trained model. `scheduler`: the sampling scheduler (the image process's
-    `sampling_scheduler()`: DDIM with trailing timesteps for Gaussian models, flow Euler for flow models), or the
-    training `DDPMScheduler`, which gives DDIM; swap it the diffusers way. `training_config` (a `Config`) gives the
+    `sampling_scheduler()`: DDIM with trailing timesteps for Gaussian models, flow Euler for flow models); swap it
+    the diffusers way. `training_config` (a `Config`) gives the
     pipeline its settings (objective, sampling defaults, caption phrasing: `mmdiff.config.pipeline_settings`)."""
     from ..config import pipeline_settings
     from ..diffusion.masked import MaskedDiffusionScheduler
-    from ..diffusion.process import as_image_process
     from ..pipelines.text_to_image import MMDiffTextToImagePipeline
 
     return MMDiffTextToImagePipeline(
         transformer=transformer,
         vae=vae,
-        scheduler=as_image_process(scheduler).sampling_scheduler() if _is_ddpm(scheduler) else scheduler,
+        scheduler=scheduler,
         text_scheduler=MaskedDiffusionScheduler(),
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         text_encoder_tokenizer=text_encoder_tokenizer,
         **(pipeline_settings(training_config) if training_config is not None else {}),
     )
-
-
-def _is_ddpm(scheduler) -> bool:
-    from diffusers import DDPMScheduler
-
-    return isinstance(scheduler, DDPMScheduler)

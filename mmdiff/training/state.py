@@ -7,6 +7,7 @@ the per-reason counts of skipped records on every process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,3 +75,9 @@ class TrainerHooks:
 
     def after_training(self, model: torch.nn.Module, rank: int) -> None:
         """Called on every process with the final (unwrapped) weights."""
+
+    def make_evaluator(self, cfg, device: str) -> Callable[[object], dict] | None:
+        """The in-training evaluation of `train.eval_encoder`, built once on the main process: called with the EMA
+        weights' pipeline at every evaluation, it returns figures to log. The training core does not evaluate
+        images itself: `mmdiff train` passes `mmdiff.eval.in_training.TrainingEvalHooks`, which builds one."""
+        return None

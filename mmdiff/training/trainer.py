@@ -1,4 +1,4 @@
-"""`mmdiff train`: the accelerate training loop for the shared MMDiT (DESIGN.md, decision 11).
+"""`mmdiff train`: the accelerate training loop for the shared MMDiT (docs/architecture.md, decision 11).
 
 Stages, each skipped when its output already exists in `train.output_dir`: tokenizer, tiny VAE (unless a pretrained
 one is configured), then the DiT. Checkpoints hold a sampling-ready pipeline folder with the EMA weights plus the full
@@ -260,19 +260,12 @@ class Trainer:
         if t.eval_encoder and self.main:
             if not cfg.data.val_shards:
                 raise ValueError("train.eval_encoder needs data.val_shards: the evaluation draws its prompts from them")
-            from mmdiff.eval.in_training import TrainingEvaluator
-
-            self.live_eval = TrainingEvaluator(
-                t.eval_encoder,
-                cfg.data.val_shards,
-                cfg.data.image_size,
-                num_images=t.eval_images,
-                num_inference_steps=t.eval_sampling_steps,
-                guidance_scale=cfg.sample.guidance_scale,
-                seed=t.seed,
-                batch_size=min(t.batch_size, 128),
-                device=str(self.accelerator.device),
-            )
+            self.live_eval = self.hooks.make_evaluator(cfg, str(self.accelerator.device))
+            if self.live_eval is None:
+                raise ValueError(
+                    "train.eval_encoder is evaluated by mmdiff's evaluation harness: run `mmdiff train`, or pass "
+                    "hooks=mmdiff.eval.in_training.TrainingEvalHooks() to train()"
+                )
 
     # ------------------------------------------------------------------ work
 

@@ -1,8 +1,10 @@
 """Dataset-specific benchmarks: exact scores where a dataset's attributes are known, on top of the generic metrics.
 
 `mmdiff eval` and `mmdiff sweep` always compute the generic metrics (any image-caption data) and add the scores of
-the first benchmark whose `matches(records)` is true. To add one, write a `Benchmark` subclass in a file of this
-folder (see `shapes.py`) and add an instance to the tuple in `find_benchmark`.
+the first benchmark whose `matches(records)` is true. To add one, write a `Benchmark` subclass in a folder of its
+own here (see `shapes/`: the benchmark with its detector, diversity and caption scores beside it) and add an instance
+to the tuple in `find_benchmark`. A benchmark may import the harness (`mmdiff.eval`) and the feature spaces
+(`mmdiff.eval.features`); neither imports a benchmark, except the harness through `find_benchmark`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from PIL import Image
 from mmdiff.data.shapes import LeftFirstPolicy, parse_caption, scene_from_attributes
 from mmdiff.data.shards import iterate_records
 
-from ...captions import caption_metrics, nll_references, relation_direction, trained_caption_policy
+from ...caption_metrics import nll_references, trained_caption_policy
 from ...records import EvalRecords
 from .. import Benchmark
+from .captions import caption_metrics, relation_direction
 from .detector import ATTRIBUTES, score_image
 from .diversity import diversity_report
 

@@ -18,41 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# The generator's placement helpers: references must be drawn exactly as the training data was.
-from mmdiff.data.shapes import (
-    _boxes_apart,
-    _gap,
-    _random_box,
-    object_extent,
-    parse_caption,
-    relation_of,
-    render_objects,
-)
+# references are placed by the generator's own rule, so they are drawn exactly as the training data was
+from mmdiff.data.shapes import parse_caption, place_scene, render_objects
 
 from .detector import detect_objects
-
-_MAX_TRIES = 10_000
-
-
-def sample_layout_for_scene(scene: dict[str, Any], image_size: int, rng: random.Random) -> list[dict[str, Any]]:
-    """Objects of a normalised scene with "center" and "extent", placed as the generator places them."""
-    objects = [dict(obj) for obj in scene["objects"]]
-    extents = [object_extent(o["size"], image_size) for o in objects]
-    for _ in range(_MAX_TRIES):
-        boxes = [_random_box(rng, extent, image_size) for extent in extents]
-        if len(boxes) == 2:
-            a, b = boxes
-            if not _boxes_apart(a, b, _gap(image_size)):
-                continue
-            dx = (b[0] + b[2] / 2) - (a[0] + a[2] / 2)
-            dy = (b[1] + b[2] / 2) - (a[1] + a[2] / 2)
-            if relation_of(dx, dy) != scene["relation"]:
-                continue
-        for obj, (x0, y0, ext) in zip(objects, boxes):
-            obj["center"] = [x0 + ext / 2, y0 + ext / 2]
-            obj["extent"] = ext
-        return objects
-    raise ValueError(f"could not place scene {scene} on a {image_size}px canvas")
 
 
 def render_prompt(prompt: str, num: int, image_size: int = 32, seed: int = 0) -> list[Image.Image]:
@@ -61,7 +30,7 @@ def render_prompt(prompt: str, num: int, image_size: int = 32, seed: int = 0) ->
     if scene is None:
         raise ValueError(f"not a shapes caption: {prompt!r}")
     rng = random.Random(f"{seed}-{prompt}")
-    return [render_objects(sample_layout_for_scene(scene, image_size, rng), image_size) for _ in range(num)]
+    return [render_objects(place_scene(scene, image_size, rng), image_size) for _ in range(num)]
 
 
 def layout_descriptor(image: Image.Image | np.ndarray, prompt: str) -> np.ndarray | None:
