@@ -117,6 +117,12 @@ class DiffusionConfig:
     flow_mode_scale: float = 1.29
     flow_shift: float = 1.0  # resolution shift s' = k s / (1 + (k - 1) s), in training and in the saved scheduler
     flow_loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' SD3 training weightings)
+    # meanflow only (prediction_type: meanflow, flow matching's path; the model learns the average velocity over an
+    # interval [r, t] and samples in 1, 2, 4 or many steps, see mmdiff/diffusion/meanflow.py)
+    meanflow_equal_fraction: float = 0.75  # rows trained with r = t (plain flow matching)
+    meanflow_logit_mean: float = -0.4  # r and t: sorted pairs of logit-normal draws
+    meanflow_logit_std: float = 1.0
+    meanflow_fd_step: float = 5e-3  # the finite difference along the path that stands in for the JVP
 
 
 @dataclass
@@ -270,7 +276,7 @@ def pipeline_settings(training_config: Any) -> dict[str, Any]:
     section = raw.get("sample") or {}
     known = {f.name for f in fields(SampleConfig)}
     return {
-        "objective": "flow" if prediction_type in ("flow", "flow_prediction") else "gaussian",
+        "objective": "flow" if prediction_type in ("flow", "flow_prediction", "meanflow") else "gaussian",
         "sample_defaults": asdict(SampleConfig(**{k: v for k, v in section.items() if k in known})),
         "caption_phrasing": str((raw.get("data") or {}).get("text_task_phrasings") or "all"),
     }
@@ -357,6 +363,9 @@ RANGES = {
     "diffusion.flow_logit_std": "(0, inf)",
     "diffusion.flow_mode_scale": "[0, inf)",
     "diffusion.flow_shift": "(0, inf)",  # the text loss weighs each position by 1/t, t >= mask_eps
+    "diffusion.meanflow_equal_fraction": "[0, 1]",
+    "diffusion.meanflow_logit_std": "(0, inf)",
+    "diffusion.meanflow_fd_step": "(0, 0.5)",
     "train.seed": "[0, 4294967295]",  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "train.batch_size": "[1, inf)",
     "train.max_steps": "[1, inf)",

@@ -167,6 +167,7 @@ class GuidedModel:
         self.set_scales(spec.scales)
         self.num_forward_rows = 0
         self._step = 0
+        self._interval: dict = {}
 
     def set_scales(self, scales: Sequence[float]) -> None:
         """Guide the following calls at `scales` (one per group), e.g. a w that a step callback changed; the
@@ -209,9 +210,18 @@ class GuidedModel:
         level = float(t) if self.interval is not None else 0.0  # a per-row t only without an interval
         return [guidance_active(level, w, self.interval) for w in self.scales]
 
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor | float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor | float,
+        rows: torch.Tensor | None = None,
+        r_timestep: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
         """rows: (R,) the condition rows `sample` holds, when it holds only some of them (a caption batch whose
-        finished rows stop taking forward passes); one guidance scale and the null context only."""
+        finished rows stop taking forward passes); one guidance scale and the null context only. r_timestep: the
+        interval's end for a MeanFlow model (its average velocity over [r, t]; guidance combines the conditional and
+        unconditional average velocities); None: r = t."""
+        self._interval = {} if r_timestep is None else {"r_timestep": r_timestep}
         model, n, device = self.model, self.n, sample.device
         step, self._step = self._step, self._step + 1
         kv = self._kv if self.cache_context else model.context_kv(self.context, self.context_mask, absorb=None)
@@ -251,7 +261,9 @@ class GuidedModel:
         """(unconditional predictions for `uncond_rows`, conditional predictions for every row): one batched forward
         (null or negative context), or the model and the weak model (autoguidance)."""
         if self.weak is not None:
-            pred_cond = self.model(sample, t, prepared=prepare_context(self.model, sample, mask, kv=kv))
+            pred_cond = self.model(
+                sample, t, prepared=prepare_context(self.model, sample, mask, kv=kv), **self._interval
+            )
             self.num_forward_rows += sample.shape[0]
             pred_uncond = pred_cond[:0]
             if len(uncond_rows):
@@ -261,7 +273,7 @@ class GuidedModel:
                 weak_context = prepare_context(
                     self.weak.model, weak_sample, self._weak_mask[picked], kv=select_context_rows(self._weak_kv, picked)
                 )
-                pred_uncond = self.weak.model(weak_sample, t_rows, prepared=weak_context)
+                pred_uncond = self.weak.model(weak_sample, t_rows, prepared=weak_context, **self._interval)
                 self.num_forward_rows += len(uncond_rows)
             if self.modality == "text":
                 pred_cond, pred_uncond = pred_cond.float(), pred_uncond.float()
@@ -272,7 +284,7 @@ class GuidedModel:
             )
         else:
             prepared = prepare_context(self.model, sample, mask, kv=kv)
-        pred = self.model(sample, t, prepared=prepared)
+        pred = self.model(sample, t, prepared=prepared, **self._interval)
         self.num_forward_rows += sample.shape[0] + len(uncond_rows)
         if self.modality == "text":
             pred = pred.float()
@@ -315,13 +327,15 @@ def forward_with_dropout(
     t: torch.Tensor,
     dropped: torch.Tensor,
     encode: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    r_timestep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training forward with condition dropout: rows where `dropped` (N,) is True see the learned null context.
 
     `encode(rows)` returns the condition's context and mask for the given row indices (None: every row). Dropped rows
     go first in the batch as null rows (`prepare_context`): their conditions are not encoded and their
     cross-attention is one constant per block. Returns the prediction and the row order it is in (None: the input
-    order); a loss that is a mean over rows reorders its target with it.
+    order); a loss that is a mean over rows reorders its target with it. `r_timestep` (N,): a MeanFlow model's
+    interval ends, reordered with the rows.
 
     With none or every row dropped the plain formulation runs instead, which encodes every condition and uses the null
     context even then, so that every parameter has a gradient in every process of a DDP run (a process whose batch
@@ -331,10 +345,12 @@ def forward_with_dropout(
     num_null = int(dropped.sum())
     if num_null in (0, len(dropped)):
         context, mask = model.drop_context(*encode(None), dropped, null_modality)
-        return model(sample, t, context, mask), None
+        interval = {} if r_timestep is None else {"r_timestep": r_timestep}
+        return model(sample, t, context, mask, **interval), None
     order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
     context, mask = encode(order[num_null:])
     t = t[order] if t.ndim else t
+    interval = {} if r_timestep is None else {"r_timestep": r_timestep[order] if r_timestep.ndim else r_timestep}
     sample = sample[order]
     prepared = prepare_context(model, sample, mask, context=context, null_rows=num_null)
-    return model(sample, t, prepared=prepared), order
+    return model(sample, t, prepared=prepared, **interval), order

@@ -1,7 +1,8 @@
 """The image direction's noise process as one object: training inputs, loss, and the sampling scheduler that fits.
 
 `make_image_process(diffusion_config)` reads `diffusion.prediction_type`: "epsilon" / "v_prediction" give the
-Gaussian (DDPM-family) process on a diffusers `DDPMScheduler`, "flow" gives flow matching (`flow.py`). Training
+Gaussian (DDPM-family) process on a diffusers `DDPMScheduler`, "flow" gives flow matching (`flow.py`), "meanflow"
+the few-step MeanFlow objective on flow matching's path (`meanflow.py`). Training
 (`training/losses.py`) and the trainer's saved pipeline use only this interface, so a new objective is one class here.
 """
 
@@ -10,10 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .flow import FlowSettings, flow_interpolate, flow_loss, flow_target, make_flow_scheduler, sample_flow_sigmas
+from .flow import (
+    NUM_TRAIN_TIMESTEPS,
+    FlowSettings,
+    flow_interpolate,
+    flow_loss,
+    flow_target,
+    make_flow_scheduler,
+    sample_flow_sigmas,
+)
 from .gaussian import (
     PREDICTION_TYPES,
     image_loss,
@@ -22,14 +31,16 @@ from .gaussian import (
     sample_timesteps,
     timestep_to_t,
 )
+from .meanflow import MeanFlowSettings, meanflow_loss, meanflow_target, sample_intervals
 
 # every value of `diffusion.prediction_type`: the Gaussian ones and flow matching
-OBJECTIVES = (*PREDICTION_TYPES, "flow")
+OBJECTIVES = (*PREDICTION_TYPES, "flow", "meanflow")
 
 
 def objective_family(prediction_type: str) -> str:
-    """ "flow" for flow matching, "gaussian" for epsilon / v prediction."""
-    return "flow" if prediction_type in ("flow", "flow_prediction") else "gaussian"
+    """ "flow" for flow matching and MeanFlow (its model at r = t is a flow model: the flow schedulers fit it),
+    "gaussian" for epsilon / v prediction."""
+    return "flow" if prediction_type in ("flow", "flow_prediction", "meanflow") else "gaussian"
 
 
 class GaussianProcess:
@@ -83,10 +94,48 @@ class FlowProcess:
         return make_flow_scheduler(self.settings.shift)
 
 
-def make_image_process(diffusion) -> GaussianProcess | FlowProcess:
+class MeanFlowProcess:
+    """MeanFlow on flow matching's path: the model, conditioned on an interval [r, t], learns the average velocity
+    (`meanflow.py`); sampled in one or a few steps with diffusers' `FlowMapEulerDiscreteScheduler`, and, at r = t,
+    by any flow scheduler. `interval = True` tells the training loss to give the model r and its own target."""
+
+    family = "flow"
+    interval = True
+
+    def __init__(self, settings: MeanFlowSettings, shift: float = 1.0):
+        self.settings, self.shift = settings, shift
+
+    def training_inputs(
+        self, latents: torch.Tensor, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """(z_t, the velocity eps - x0, t, r): the target is made from the model itself (`model_loss`)."""
+        r, t = sample_intervals(latents.shape[0], self.settings, latents.device, generator)
+        noise = torch.randn(latents.shape, device=latents.device, generator=generator, dtype=latents.dtype)
+        return flow_interpolate(latents, noise, t), flow_target(latents, noise), t, r
+
+    def model_loss(self, u, order, u_fn, noisy, velocity, t, r) -> torch.Tensor:
+        """The MeanFlow loss of the model's average velocity `u` (rows in `order`), its target from `u_fn`."""
+        target = meanflow_target(u_fn, noisy, velocity, r, t, u, self.settings.fd_step, order)
+        return meanflow_loss(u, target, self.settings)
+
+    def sampling_scheduler(self) -> SchedulerMixin:
+        return FlowMapEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=self.shift)
+
+
+def make_image_process(diffusion) -> GaussianProcess | FlowProcess | MeanFlowProcess:
     """The process a `diffusion:` config section (the dataclass or a mapping) describes."""
     get = diffusion.get if isinstance(diffusion, dict) else lambda key, default=None: getattr(diffusion, key, default)
     prediction_type = get("prediction_type", "epsilon")
+    if prediction_type == "meanflow":
+        return MeanFlowProcess(
+            MeanFlowSettings(
+                logit_mean=get("meanflow_logit_mean", -0.4),
+                logit_std=get("meanflow_logit_std", 1.0),
+                equal_fraction=get("meanflow_equal_fraction", 0.75),
+                fd_step=get("meanflow_fd_step", 5e-3),
+            ),
+            shift=get("flow_shift", 1.0),
+        )
     if prediction_type == "flow":
         return FlowProcess(
             FlowSettings(

@@ -64,17 +64,17 @@ class PreparedContext:
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (N, D): sinusoidal features of 1000 t, then an MLP (DiT)."""
+    """t in [0, 1] -> (N, D): sinusoidal features of `scale` t (DiT: 1000 t), then an MLP (DiT)."""
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """t: (N,) -> (N, D) in `dtype`, the activations' dtype (not the weights': with layerwise casting they are
         stored in float8 and cast inside each layer's forward)."""
-        freqs = get_timestep_embedding(t * 1000.0, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        freqs = get_timestep_embedding(t * self.scale, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         return self.mlp(freqs.to(dtype))
 
 
@@ -97,12 +97,25 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
             linear) or "single" (PixArt-alpha: one shared linear, plus a learned (6, D) offset table per block),
             the default, as in the training config (`model.adaln`). A saved model without the key was trained before
             the option existed, per block, and loads so (`extract_init_dict`).
+        interval_conditioning: also condition on an interval [r, t] (`forward(..., r_timestep=r)`): a MeanFlow
+            model of the average velocity, which samples in one or a few steps (`mmdiff.diffusion.meanflow`).
+        timestep_scale: t is embedded as sinusoids of `timestep_scale * t` (DiT: 1000). MeanFlow models take 1, as
+            SiT and MeanFlow do: their target holds the model's own derivative in t, and features that turn 1000
+            radians per unit of t make it large and training diverge (measured on a tiny model: at 1000 the loss
+            grew from 2.2 to 6e4 in 25 steps, at 1 it fell to 1.1).
     """
 
     _supports_gradient_checkpointing = True
     # layerwise casting (fp8 storage) leaves these in the compute dtype: embeddings, norms and the adaLN input
     # (precision-critical, as diffusers' own DiTs keep them)
-    _skip_layerwise_casting_patterns = ["patch_embed", "image_context_embed", "token_embed", "norm", "t_embedder"]
+    _skip_layerwise_casting_patterns = [
+        "patch_embed",
+        "image_context_embed",
+        "token_embed",
+        "norm",
+        "t_embedder",
+        "interval_embedder",
+    ]
 
     @register_to_config
     def __init__(
@@ -121,13 +134,17 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         null_context_length: int = 1,
         external_text_dim: int | None = None,
         adaln: str = "single",
+        interval_conditioning: bool = False,
+        timestep_scale: float = 1000.0,
     ):
         super().__init__()
         if adaln not in ADALN_MODES:
             raise ValueError(f"adaln={adaln!r} is not one of {ADALN_MODES}")
         d, p = hidden_size, patch_size
         self.gradient_checkpointing = False
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, scale=timestep_scale)
+        # MeanFlow: the interval's length h = t - r, embedded like t and added to it (h = 0: the instantaneous velocity)
+        self.interval_embedder = TimestepEmbedder(d, scale=timestep_scale) if interval_conditioning else None
         self.task_embed = nn.Embedding(2, d)
 
         # noisy streams
@@ -202,6 +219,10 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         nn.init.normal_(self.task_embed.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.interval_embedder is not None:  # starts as a flow-matching model: the interval adds nothing
+            nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.interval_embedder.mlp[2].weight)
+            nn.init.zeros_(self.interval_embedder.mlp[2].bias)
         # adaLN-Zero: every block starts as the identity and both heads predict zeros
         for linear in [block.adaLN_modulation[-1] for block in self.blocks if block.adaLN_modulation is not None] + (
             [self.adaLN_single[-1]] if self.adaLN_single is not None else []
@@ -366,6 +387,7 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         prepared: PreparedContext | None = None,
+        r_timestep: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -376,6 +398,9 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
             context_mask: (N, S) bool key padding mask.
             prepared: the blocks' contexts prepared elsewhere (`PreparedContext`: cached K/V, a CFG batch), instead
                 of `context` and `context_mask`.
+            r_timestep: the interval's end r <= t, (N,) or a scalar, for a model with `interval_conditioning`
+                (MeanFlow: the output is the average velocity over [r, t]); None means r = t, the instantaneous
+                velocity. A model without interval conditioning ignores it.
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
@@ -395,6 +420,9 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).reshape(-1).expand(n)
         task = torch.full((n,), TASK_TEXT if is_text else TASK_IMAGE, device=x.device, dtype=torch.long)
         cond = self.t_embedder(t, x.dtype) + self.task_embed(task)  # (N, D)
+        if self.interval_embedder is not None:
+            r = t if r_timestep is None else torch.as_tensor(r_timestep, device=x.device, dtype=torch.float32)
+            cond = cond + self.interval_embedder(t - r.reshape(-1).expand(n), x.dtype)
         if prepared.repeat is not None:  # the batch is cat([repeated rows, sample]); x follows in block 0
             cond = torch.cat([cond[prepared.repeat], cond])
         block_cond = self.adaLN_single(cond) if self.adaLN_single is not None else cond

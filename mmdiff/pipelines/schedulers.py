@@ -18,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMapEulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
@@ -34,6 +35,9 @@ SCHEDULERS = {
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS = {
     "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
+    # z_t -> z_r along the average velocity of a MeanFlow model (the pipeline passes r, the next step's sigma); on a
+    # plain flow model, which ignores r, it is the flow Euler step
+    "flow_map_euler": (FlowMapEulerDiscreteScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **_FLOW}),
     "unipc": (UniPCMultistepScheduler, _FLOW),
 }
@@ -45,7 +49,8 @@ def scheduler_family(scheduler: SchedulerMixin) -> str:
     """ "flow" for a flow-matching scheduler (flow Euler, or a solver configured with flow sigmas), else
     "gaussian"."""
     config = scheduler.config
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or config.get("prediction_type") == "flow_prediction":
+    flow_classes = (FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler)
+    if isinstance(scheduler, flow_classes) or config.get("prediction_type") == "flow_prediction":
         return "flow"
     return "gaussian"
 
@@ -73,7 +78,11 @@ def make_scheduler(name: str, config, family: str = "gaussian") -> SchedulerMixi
         shift = _flow_shift(config)
         overrides = {
             **overrides,
-            **({"shift": shift} if cls is FlowMatchEulerDiscreteScheduler else {"flow_shift": shift}),
+            **(
+                {"shift": shift}
+                if cls in (FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler)
+                else {"flow_shift": shift}
+            ),
         }
     return cls.from_config(config, **overrides)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import FlowMapEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
@@ -411,7 +412,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                 if s == 1 and self._guidance_scale != guided_model.scales[0]:  # a step callback changed w
                     guided_model.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 t = timestep_to_t(timestep, num_train).to(device)
-                guided = guided_model(self._scale_model_input(latents, timestep), t)
+                interval = {}
+                if isinstance(self.scheduler, FlowMapEulerDiscreteScheduler):  # z_t -> z_r: the model's interval
+                    interval["r_timestep"] = self.scheduler.sigmas[i + 1].float().to(device)
+                guided = guided_model(self._scale_model_input(latents, timestep), t, **interval)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
                 out = self.run_callback(
                     callback_on_step_end, i, timestep, {"latents": latents}, callback_on_step_end_tensor_inputs

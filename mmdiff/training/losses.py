@@ -46,6 +46,14 @@ def image_task_loss(
     Rows where `dropped` (N,) is True are conditioned on the null text context (`forward_with_dropout`: the loss is a
     mean, so the row order it returns does not matter). `encode_text(rows)`: the text context of those rows.
     """
+    if getattr(process, "interval", False):  # MeanFlow: `extra` is r; the target comes from the model itself
+        r = extra
+        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text, r)
+
+        def u_fn(z: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+            return forward_with_dropout(model, z, t_, dropped, encode_text, r_)[0]
+
+        return process.model_loss(prediction, order, u_fn, noisy, target, t, r)
     prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text)
     if process is None:
         return image_loss(prediction, target if order is None else target[order])

@@ -109,6 +109,8 @@ def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> M
         vocab_size=len(tokenizer),
         max_text_length=cfg.data.max_length,
         external_text_dim=external_text_dim,
+        interval_conditioning=cfg.diffusion.prediction_type == "meanflow",
+        timestep_scale=1.0 if cfg.diffusion.prediction_type == "meanflow" else 1000.0,
     )
 
 
@@ -119,6 +121,8 @@ def transformer_from_config(
     vocab_size: int,
     max_text_length: int,
     external_text_dim: int | None = None,
+    interval_conditioning: bool = False,
+    timestep_scale: float = 1000.0,
 ) -> MMDiffTransformer2DModel:
     """The MMDiT a `model:` config section describes, for the given data shapes (training and `mmdiff bench`)."""
     return MMDiffTransformer2DModel(
@@ -137,6 +141,8 @@ def transformer_from_config(
         adaln=m.adaln,
         null_context_length=m.null_context_length,
         external_text_dim=external_text_dim,
+        interval_conditioning=interval_conditioning,
+        timestep_scale=timestep_scale,
     )
 
 

@@ -1,0 +1,194 @@
+"""MeanFlow for the image direction: the target on a field whose average velocity is known, the interval input, the
+training loss, one- and few-step sampling with diffusers' FlowMapEulerDiscreteScheduler, guidance, and training end
+to end with resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import close_at_scale, make_model
+
+from mmdiff.diffusion.meanflow import (
+    MeanFlowSettings,
+    meanflow_loss,
+    meanflow_step,
+    meanflow_target,
+    sample_intervals,
+)
+from mmdiff.diffusion.process import MeanFlowProcess, make_image_process
+from mmdiff.pipelines import swap_scheduler
+from mmdiff.training.losses import LossWeights, joint_losses
+from mmdiff.training.stages import build_pipeline
+
+
+def _exact_u(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The average velocity of dz/dt = z over [r, t]: z_r = z_t e^(r - t), so u = z_t (1 - e^-(t - r)) / (t - r)."""
+    h = (t - r).reshape(-1, 1).to(z.dtype)
+    safe = torch.where(h > 0, h, torch.ones_like(h))
+    return torch.where(h > 0, z * (1 - torch.exp(-safe)) / safe, z)
+
+
+def test_the_target_is_the_average_velocity_of_a_known_field_and_one_step_is_exact():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 3, generator=g, dtype=torch.float64)
+    r, t = sample_intervals(256, MeanFlowSettings(equal_fraction=0.25), generator=g)
+    r, t = r.double(), t.double()
+    assert (r <= t).all() and (r >= 0).all() and (t <= 1).all()
+    u = _exact_u(z, r, t)
+    # the field's velocity at z_t is z_t itself; the identity u = v - (t - r) du/dt holds for the true u
+    target = meanflow_target(_exact_u, z, z, r, t, u, fd_step=5e-3)
+    assert (target - u).abs().max() < 5e-3 * u.abs().max()  # the finite difference's O(d) error
+    wrong = meanflow_target(lambda z_, r_, t_: 2 * _exact_u(z_, r_, t_), z, z, r, t, u, fd_step=5e-3)
+    assert (wrong - u).abs().max() > 0.05  # a u that is not the field's average velocity misses its target
+    # rows given in another order: the target follows the order of u
+    order = torch.randperm(256, generator=g)
+    shuffled = meanflow_target(lambda *a: _exact_u(*a)[order], z, z, r, t, u[order], 5e-3, order)
+    assert torch.allclose(shuffled, target[order])
+    # one step over [r, t] lands on the exact solution
+    assert torch.allclose(meanflow_step(z, u, t, r).double(), z * torch.exp(r - t).reshape(-1, 1), atol=1e-6)
+
+
+def test_intervals_and_settings():
+    r, t = sample_intervals(4000, MeanFlowSettings(), generator=torch.Generator().manual_seed(1))
+    equal = (r == t).float().mean()
+    assert abs(equal - 0.75) < 0.03 and (r <= t).all()
+    with pytest.raises(ValueError, match="equal_fraction"):
+        MeanFlowSettings(equal_fraction=1.5)
+    with pytest.raises(ValueError, match="fd_step"):
+        MeanFlowSettings(fd_step=0.0)
+    u, target = torch.zeros(2, 4), torch.tensor([[1.0] * 4, [0.0] * 4])
+    # the value is the plain MSE; the gradient is the adaptively weighted one: each row's error over (its error + c)
+    u.requires_grad_(True)
+    loss = meanflow_loss(u, target, MeanFlowSettings())
+    assert math.isclose(float(loss.detach()), 0.5, rel_tol=1e-6)
+    loss.backward()
+    expected = -2 * (target - 0) / 4 / 2 / (1.0 + 1e-3)  # d/du of mean_rows(w * mean_cols((u - y)^2)), w = 1/(e + c)
+    assert torch.allclose(u.grad[0], expected[0]) and torch.equal(u.grad[1], torch.zeros(4))
+
+
+def test_the_interval_input_starts_at_zero_and_then_matters(tokenizer):
+    from mmdiff.models.transformer import MMDiffTransformer2DModel
+
+    fresh = MMDiffTransformer2DModel(
+        vocab_size=len(tokenizer), hidden_size=32, depth=1, num_heads=2, interval_conditioning=True
+    )
+    last = fresh.interval_embedder.mlp[2]
+    assert not last.weight.any() and not last.bias.any()  # a new model starts as a flow-matching model
+    model = make_model(tokenizer, interval_conditioning=True)  # every weight moved off its initial value
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.9, 0.5])
+    with torch.no_grad():
+        context, mask = model.null_context("text", 2)
+        instantaneous = model(x, t, context, mask)
+        assert not torch.allclose(model(x, t, context, mask, r_timestep=torch.tensor([0.0, 0.1])), instantaneous)
+        assert torch.equal(model(x, t, context, mask, r_timestep=t), instantaneous)  # r = t: h = 0
+        model.interval_embedder.mlp[2].weight.zero_()
+        model.interval_embedder.mlp[2].bias.zero_()
+        assert torch.equal(model(x, t, context, mask, r_timestep=0.0), model(x, t, context, mask))
+        plain = make_model(tokenizer)  # a model without the input ignores r
+        assert torch.equal(plain(x, t, context, mask, r_timestep=0.0), plain(x, t, context, mask))
+
+
+def test_a_few_steps_lower_the_meanflow_loss_on_a_fixed_batch(tokenizer):
+    from mmdiff.data.tokenizer import encode_captions
+
+    model = make_model(tokenizer, interval_conditioning=True, timestep_scale=1.0)
+    process = make_image_process({"prediction_type": "meanflow", "meanflow_equal_fraction": 0.25})
+    assert isinstance(process, MeanFlowProcess) and process.family == "flow"
+    ids, _ = encode_captions(tokenizer, ["a small red circle", "there is a small green triangle"] * 4, 12)
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    weights = LossWeights(text=0.0, image_cond_drop=0.5)  # dropped rows reorder the batch: the target follows
+
+    def losses():
+        g = torch.Generator().manual_seed(1)  # the same noise, intervals and dropout every time
+        return joint_losses(
+            model, latents, ids, tokenizer.pad_token_id, tokenizer.mask_token_id, process, weights, generator=g
+        )
+
+    first = float(losses()["loss_image"])
+    assert math.isfinite(first)
+    for _ in range(25):
+        optimizer.zero_grad()
+        losses()["loss"].backward()
+        optimizer.step()
+    assert float(losses()["loss_image"]) < 0.8 * first
+    # with DiT's timestep scale of 1000 the same run diverges (the target holds the model's own derivative in t)
+
+
+@pytest.fixture
+def meanflow_pipe(tokenizer, vae):
+    model = make_model(tokenizer, interval_conditioning=True, timestep_scale=1.0)
+    with torch.no_grad():  # a real average-velocity field, the interval input included
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    process = make_image_process({"prediction_type": "meanflow"})
+    pipe = build_pipeline(model.eval(), vae, process.sampling_scheduler(), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_velocity(meanflow_pipe, steps):
+    pipe = meanflow_pipe
+    assert type(pipe.scheduler).__name__ == "FlowMapEulerDiscreteScheduler"
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a small red circle", "a large blue square"]
+    out = pipe(prompts, guidance_scale=3.0, num_inference_steps=steps, latents=noise, output_type="latent")
+    assert out.num_forward_rows == 2 * 2 * steps  # two images, conditional and unconditional rows, per step
+    context, mask = pipe.text_context(*pipe.encode_prompt(prompts)[:2])
+    null, null_mask = pipe.transformer.null_context("text", 2)
+    sigmas = torch.linspace(1, 0, steps + 1)
+    x = noise.clone()
+    with torch.no_grad():  # by hand: z_r = z_t - (t - r) (u_null + w (u_cond - u_null))
+        for t, r in zip(sigmas[:-1], sigmas[1:], strict=True):
+            u_cond = pipe.transformer(x, t, context, mask, r_timestep=r)
+            u_null = pipe.transformer(x, t, null, null_mask, r_timestep=r)
+            x = meanflow_step(x, u_null + 3.0 * (u_cond - u_null), t, r)
+    assert close_at_scale(out.images, x)
+
+
+def test_a_meanflow_model_also_samples_with_the_flow_schedulers_and_sweeps(meanflow_pipe):
+    pipe = meanflow_pipe
+    sweep = pipe.guidance_sweep("a small red circle", [1.0, 2.0, 4.0], num_inference_steps=1, output_type="np")
+    assert len(sweep.images) == 3
+    for name in ("flow_euler", "unipc"):  # at r = t the average velocity is the instantaneous one
+        swap_scheduler(pipe, name)
+        assert pipe("a small red circle", num_inference_steps=4, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_train_a_meanflow_model_end_to_end_and_resume_exactly(tiny_train_setup, tmp_path):
+    from conftest import stage_run_dir, tiny_train_overrides
+    from safetensors.torch import load_file
+
+    from mmdiff.config import load_config
+    from mmdiff.pipelines import MMDiffTextToImagePipeline
+    from mmdiff.training.trainer import train
+
+    meanflow = ["diffusion.prediction_type=meanflow", "train.lr_schedule=constant", "sample.num_inference_steps=2"]
+
+    def run(folder, steps: int, resume: bool = False):
+        overrides = tiny_train_overrides(tiny_train_setup, folder, max_steps=steps, checkpoint_every=2, warmup_steps=1)
+        return train(load_config(None, overrides + meanflow), resume=resume)
+
+    stage_run_dir(tiny_train_setup, tmp_path / "a")
+    stage_run_dir(tiny_train_setup, tmp_path / "b")
+    summary = run(tmp_path / "a", 4)
+    assert math.isfinite(summary["last_losses"]["loss_image"])
+    run(tmp_path / "b", 2)
+    assert run(tmp_path / "b", 4, resume=True)["resumed_from"] is not None
+    weights = [
+        load_file(tmp_path / r / "checkpoints" / "step-00000004" / "training_state" / "model.safetensors") for r in "ab"
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    pipe = MMDiffTextToImagePipeline.from_pretrained(summary["pipeline"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.interval_conditioning and pipe.transformer.config.timestep_scale == 1.0
+    assert pipe.objective_family == "flow"
+    assert type(pipe.scheduler).__name__ == "FlowMapEulerDiscreteScheduler"
+    out = pipe("a small red circle", output_type="np")  # the folder's default: 2 steps
+    assert out.images.shape == (1, 16, 16, 3) and out.num_forward_rows == 2 * 2
