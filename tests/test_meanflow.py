@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import close_at_scale, make_model
 
+from mmdiff.diffusion import meanflow
 from mmdiff.diffusion.meanflow import (
+    FlowMapEulerDiscreteScheduler,
     MeanFlowSettings,
     meanflow_loss,
     meanflow_step,
@@ -21,6 +23,11 @@ from mmdiff.diffusion.process import MeanFlowProcess, make_image_process
 from mmdiff.pipelines import swap_scheduler
 from mmdiff.training.losses import LossWeights, joint_losses
 from mmdiff.training.stages import build_pipeline
+
+needs_flow_map = pytest.mark.skipif(
+    FlowMapEulerDiscreteScheduler is None,
+    reason="diffusers < 0.39 (the floors run) has no FlowMapEulerDiscreteScheduler, which MeanFlow sampling uses",
+)
 
 
 def _exact_u(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,8 +102,8 @@ def test_a_few_steps_lower_the_meanflow_loss_on_a_fixed_batch(tokenizer):
     from mmdiff.data.tokenizer import encode_captions
 
     model = make_model(tokenizer, interval_conditioning=True, timestep_scale=1.0)
-    process = make_image_process({"prediction_type": "meanflow", "meanflow_equal_fraction": 0.25})
-    assert isinstance(process, MeanFlowProcess) and process.family == "flow"
+    process = MeanFlowProcess(MeanFlowSettings(equal_fraction=0.25))
+    assert process.family == "flow"
     ids, _ = encode_captions(tokenizer, ["a small red circle", "there is a small green triangle"] * 4, 12)
     latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -118,6 +125,12 @@ def test_a_few_steps_lower_the_meanflow_loss_on_a_fixed_batch(tokenizer):
     # with DiT's timestep scale of 1000 the same run diverges (the target holds the model's own derivative in t)
 
 
+def test_meanflow_without_the_flow_map_scheduler_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(meanflow, "FlowMapEulerDiscreteScheduler", None)
+    with pytest.raises(ValueError, match=r"FlowMapEulerDiscreteScheduler, which diffusers 0.39 added .*>=0.39"):
+        make_image_process({"prediction_type": "meanflow"})
+
+
 @pytest.fixture
 def meanflow_pipe(tokenizer, vae):
     model = make_model(tokenizer, interval_conditioning=True, timestep_scale=1.0)
@@ -131,6 +144,7 @@ def meanflow_pipe(tokenizer, vae):
     return pipe
 
 
+@needs_flow_map
 @pytest.mark.parametrize("steps", [1, 2])
 def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_velocity(meanflow_pipe, steps):
     pipe = meanflow_pipe
@@ -151,6 +165,7 @@ def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_vel
     assert close_at_scale(out.images, x)
 
 
+@needs_flow_map
 def test_a_meanflow_model_also_samples_with_the_flow_schedulers_and_sweeps(meanflow_pipe):
     pipe = meanflow_pipe
     sweep = pipe.guidance_sweep("a small red circle", [1.0, 2.0, 4.0], num_inference_steps=1, output_type="np")
@@ -160,6 +175,7 @@ def test_a_meanflow_model_also_samples_with_the_flow_schedulers_and_sweeps(meanf
         assert pipe("a small red circle", num_inference_steps=4, output_type="np").images.shape == (1, 16, 16, 3)
 
 
+@needs_flow_map
 def test_train_a_meanflow_model_end_to_end_and_resume_exactly(tiny_train_setup, tmp_path):
     from conftest import stage_run_dir, tiny_train_overrides
     from safetensors.torch import load_file

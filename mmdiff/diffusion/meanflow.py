@@ -29,7 +29,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import diffusers
 import torch
+
+try:  # diffusers >= 0.39; older releases train and load the rest of mmdiff, but not MeanFlow models
+    from diffusers import FlowMapEulerDiscreteScheduler
+except ImportError:
+    FlowMapEulerDiscreteScheduler = None
+
+
+def require_flow_map_scheduler() -> type:
+    """diffusers' `FlowMapEulerDiscreteScheduler`, or a ValueError saying which diffusers release has it."""
+    if FlowMapEulerDiscreteScheduler is None:
+        raise ValueError(
+            "MeanFlow models sample with diffusers' FlowMapEulerDiscreteScheduler, which diffusers 0.39 added (this "
+            f"is {diffusers.__version__}): pip install 'diffusers>=0.39'"
+        )
+    return FlowMapEulerDiscreteScheduler
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, FlowMapEulerDiscreteScheduler
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .flow import (
@@ -31,7 +31,7 @@ from .gaussian import (
     sample_timesteps,
     timestep_to_t,
 )
-from .meanflow import MeanFlowSettings, meanflow_loss, meanflow_target, sample_intervals
+from .meanflow import MeanFlowSettings, meanflow_loss, meanflow_target, require_flow_map_scheduler, sample_intervals
 
 # every value of `diffusion.prediction_type`: the Gaussian ones and flow matching
 OBJECTIVES = (*PREDICTION_TYPES, "flow", "meanflow")
@@ -119,7 +119,7 @@ class MeanFlowProcess:
         return meanflow_loss(u, target, self.settings)
 
     def sampling_scheduler(self) -> SchedulerMixin:
-        return FlowMapEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=self.shift)
+        return require_flow_map_scheduler()(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=self.shift)
 
 
 def make_image_process(diffusion) -> GaussianProcess | FlowProcess | MeanFlowProcess:
@@ -127,6 +127,7 @@ def make_image_process(diffusion) -> GaussianProcess | FlowProcess | MeanFlowPro
     get = diffusion.get if isinstance(diffusion, dict) else lambda key, default=None: getattr(diffusion, key, default)
     prediction_type = get("prediction_type", "epsilon")
     if prediction_type == "meanflow":
+        require_flow_map_scheduler()  # before training, not when the finished model is saved
         return MeanFlowProcess(
             MeanFlowSettings(
                 logit_mean=get("meanflow_logit_mean", -0.4),

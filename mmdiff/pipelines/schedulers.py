@@ -18,11 +18,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    FlowMapEulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..diffusion.meanflow import FlowMapEulerDiscreteScheduler
 
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
@@ -35,12 +36,13 @@ SCHEDULERS = {
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS = {
     "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
-    # z_t -> z_r along the average velocity of a MeanFlow model (the pipeline passes r, the next step's sigma); on a
-    # plain flow model, which ignores r, it is the flow Euler step
-    "flow_map_euler": (FlowMapEulerDiscreteScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **_FLOW}),
     "unipc": (UniPCMultistepScheduler, _FLOW),
 }
+if FlowMapEulerDiscreteScheduler is not None:  # diffusers >= 0.39
+    # z_t -> z_r along the average velocity of a MeanFlow model (the pipeline passes r, the next step's sigma); on a
+    # plain flow model, which ignores r, it is the flow Euler step
+    FLOW_SCHEDULERS["flow_map_euler"] = (FlowMapEulerDiscreteScheduler, {})
 BY_FAMILY = {"gaussian": SCHEDULERS, "flow": FLOW_SCHEDULERS}
 FAMILY_NAMES = {"gaussian": "Gaussian (epsilon / v-prediction)", "flow": "flow-matching"}
 
@@ -49,10 +51,18 @@ def scheduler_family(scheduler: SchedulerMixin) -> str:
     """ "flow" for a flow-matching scheduler (flow Euler, or a solver configured with flow sigmas), else
     "gaussian"."""
     config = scheduler.config
-    flow_classes = (FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler)
-    if isinstance(scheduler, flow_classes) or config.get("prediction_type") == "flow_prediction":
+    if (
+        isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+        or is_flow_map(scheduler)
+        or config.get("prediction_type") == "flow_prediction"
+    ):
         return "flow"
     return "gaussian"
+
+
+def is_flow_map(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler` steps z_t -> z_r with an interval the model is given (diffusers' flow-map Euler)."""
+    return FlowMapEulerDiscreteScheduler is not None and isinstance(scheduler, FlowMapEulerDiscreteScheduler)
 
 
 def _flow_shift(config) -> float:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import FlowMapEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
@@ -21,7 +20,7 @@ from ..diffusion.gaussian import timestep_to_t
 from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
-from .schedulers import check_scheduler_fits
+from .schedulers import check_scheduler_fits, is_flow_map
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NON_FINITE = (
@@ -413,7 +412,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     guided_model.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 t = timestep_to_t(timestep, num_train).to(device)
                 interval = {}
-                if isinstance(self.scheduler, FlowMapEulerDiscreteScheduler):  # z_t -> z_r: the model's interval
+                if is_flow_map(self.scheduler):  # z_t -> z_r: the model's interval
                     interval["r_timestep"] = self.scheduler.sigmas[i + 1].float().to(device)
                 guided = guided_model(self._scale_model_input(latents, timestep), t, **interval)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample
