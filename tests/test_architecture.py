@@ -1,6 +1,6 @@
 """The import graph of mmdiff/ (read with `ast`, lazy imports inside functions included): no circle, no import from a
 lower layer up into a higher one, the library core apart from the lab, and inside eval the harness, the feature
-spaces and each benchmark apart. The layers are the README's "Architecture" section."""
+spaces and each benchmark apart. The layers are docs/architecture.md's "Layers" section."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _layer(module: str) -> int:
     for rank, prefixes in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return rank
-    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and to the README's Architecture section")
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and to the Layers table of docs/architecture.md")
 
 
 def _under(module: str, prefixes: list[str] | str) -> bool:

@@ -45,7 +45,7 @@ def test_demo_refuses_a_missing_model_folder(tmp_path, capsys):
 
 def test_shipped_model_loads_and_reads_held_out_images(tmp_path):
     """The shipped pipeline folder loads through the real (safetensors-only) loader and is the trained model: on 16
-    held-out scenes its captions get count, colours and sizes right far above chance (README: 99-100 % on 512)."""
+    held-out scenes its captions get count, colours and sizes right far above chance (docs/results/shipped-model.md: 99-100 % on 512)."""
     from mmdiff.eval import evaluate
     from mmdiff.paths import SHIPPED_MODEL
 

@@ -2,7 +2,7 @@
 headless Chromium (Selenium + Debian's chromium-driver; skipped with the reason when they are not installed).
 
 MMDIFF_SERVE_SCREENSHOT=assets/serve_screenshot.png pytest tests/test_serve.py -k generates also writes the
-README's screenshot.
+screenshot that docs/usage/serve.md shows.
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def test_page_generates_images(server, browser):
     settings = "".join(browser.find_element(By.ID, "t2i-settings").text.split())
     assert '"steps":3,' in settings and '"guidance_scale":4' in settings and '"num_images":3,' in settings
     screenshot = os.environ.get("MMDIFF_SERVE_SCREENSHOT")
-    if screenshot:  # the README's picture: the default 4 images at the model's 25 steps
+    if screenshot:  # the picture on docs/usage/serve.md: the default 4 images at the model's 25 steps
         _set(browser, "#t2i-steps input", 25)
         _set(browser, "#t2i-count input", 4)
         browser.find_element(By.ID, "t2i-run").click()
