@@ -77,7 +77,9 @@ def _layer(module: str) -> int:
     for rank, prefixes in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return rank
-    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and to the Layers table of docs/architecture.md")
+    raise AssertionError(
+        f"{module} belongs to no layer: add it to LAYERS and to the Layers table of docs/architecture.md"
+    )
 
 
 def _under(module: str, prefixes: list[str] | str) -> bool:
