@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..diffusion.guidance import GUIDANCE_METHODS, NOT_ON_LOGITS, Guidance, guidance_active
+from ..models.cache import CacheScope
 from ..models.transformer import MMDiffTransformer2DModel, select_context_rows
 from .prepared import prepare_context
 
@@ -144,7 +145,13 @@ class GuidedModel:
             raise ValueError("guidance='autoguidance' guides against a weak model: it needs its WeakBranch")
         if weak is not None and negative is not None:
             raise ValueError("autoguidance guides against the weak model: it takes no negative prompt")
+        if modality == "text" and getattr(model, "is_cache_enabled", False):
+            raise ValueError(
+                "step caching (transformer.enable_cache) covers the image direction only; call "
+                "transformer.disable_cache() before captioning"
+            )
         self.model, self.modality, self.spec = model, modality, spec
+        self._cache_scope = CacheScope(model)  # one per sampling call: the hooks' state starts anew
         self.num_inference_steps = num_inference_steps
         self.interval, self.rescale = spec.interval, spec.rescale
         self.n, groups = context.shape[0], len(spec.scales)
@@ -260,10 +267,13 @@ class GuidedModel:
     def _predict(self, sample, t, kv, mask, uncond_rows, null_rows, weak_rows=None):
         """(unconditional predictions for `uncond_rows`, conditional predictions for every row): one batched forward
         (null or negative context), or the model and the weak model (autoguidance)."""
+        # the cache hooks' state is kept per row layout: the rows, and which of them are unconditional
+        layout = (sample.shape[0], len(uncond_rows), null_rows)
         if self.weak is not None:
-            pred_cond = self.model(
-                sample, t, prepared=prepare_context(self.model, sample, mask, kv=kv), **self._interval
-            )
+            with self._cache_scope(layout):
+                pred_cond = self.model(
+                    sample, t, prepared=prepare_context(self.model, sample, mask, kv=kv), **self._interval
+                )
             self.num_forward_rows += sample.shape[0]
             pred_uncond = pred_cond[:0]
             if len(uncond_rows):
@@ -284,7 +294,8 @@ class GuidedModel:
             )
         else:
             prepared = prepare_context(self.model, sample, mask, kv=kv)
-        pred = self.model(sample, t, prepared=prepared, **self._interval)
+        with self._cache_scope(layout):
+            pred = self.model(sample, t, prepared=prepared, **self._interval)
         self.num_forward_rows += sample.shape[0] + len(uncond_rows)
         if self.modality == "text":
             pred = pred.float()
@@ -292,6 +303,11 @@ class GuidedModel:
 
     def _some_rows(self, sample, t, kv, rows, step) -> torch.Tensor:
         """One group: the condition rows `rows` (None: all), guided where each row's t lies in the interval."""
+        if getattr(self.model, "is_cache_enabled", False):  # the row layout would change with every t
+            raise ValueError(
+                "step caching (transformer.enable_cache) needs every row at one t in each forward; a subset of rows "
+                "or a per-row t with a guidance interval changes the rows from step to step"
+            )
         if len(self.scales) != 1 or self.negative_rows:
             raise ValueError(
                 "a subset of rows, or a per-row t with a guidance interval, needs one guidance scale and the null "

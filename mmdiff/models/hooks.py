@@ -33,10 +33,22 @@ def offload_entry_point(method):
     return wrapper
 
 
+# diffusers' step-caching hooks (`enable_cache`) skip or reuse a block's computation but leave its weights alone
+CACHE_HOOK_PREFIXES = ("fbc_", "taylorseer_")
+
+
 def weights_under_hooks(module: nn.Module) -> bool:
     """Whether diffusers' or accelerate's hooks manage `module`'s weights (layerwise casting, any offload): its
-    weights are then in their compute dtype and on the device only inside each submodule's `forward`."""
-    return any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in module.modules())
+    weights are then in their compute dtype and on the device only inside each submodule's `forward`. A registry
+    that holds only cache hooks (or none, after `disable_cache`) does not count."""
+    return any(_manages_weights(m) for m in module.modules())
+
+
+def _manages_weights(module: nn.Module) -> bool:
+    if hasattr(module, "_hf_hook"):
+        return True
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and any(not name.startswith(CACHE_HOOK_PREFIXES) for name in registry.hooks)
 
 
 def input_device(module: torch.nn.Module, tensor: torch.Tensor) -> torch.device:

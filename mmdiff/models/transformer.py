@@ -8,15 +8,17 @@ predictions only: noise processes, losses and guidance live in `mmdiff.diffusion
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 
 from .blocks import AbsorbedContext, BlockContext, CrossAttention, DiTBlock, EncoderBlock, FinalLayer, SelfAttention
+from .cache import check_cache_config, register_blocks_for_cache
 from .hooks import offload_entry_point, weights_under_hooks
 
 TASK_IMAGE, TASK_TEXT = 0, 1
@@ -78,7 +80,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freqs.to(dtype))
 
 
-class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
+class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
     """Shared DiT backbone with image and text heads, a joint text context encoder and an image context encoder.
 
     Args:
@@ -182,6 +184,14 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         if "adaln" not in config_dict:
             config_dict = {**config_dict, "adaln": "per_block"}
         return super().extract_init_dict(config_dict, **kwargs)
+
+    def enable_cache(self, config) -> None:
+        """diffusers' step caching (`FirstBlockCacheConfig`, `TaylorSeerCacheConfig`) on `blocks`; see
+        `mmdiff.models.cache` for what fits and docs/performance.md for the CFG rule. Sampling then goes through
+        `GuidedModel`, which names each forward's row layout as the hooks' `cache_context`."""
+        check_cache_config(config)
+        register_blocks_for_cache()
+        super().enable_cache(config)
 
     def set_attention_slice(self, slice_size: str | int | None) -> None:
         """Attention slicing, as diffusers' `pipe.enable_attention_slicing(slice_size)` sets it: "auto" computes half
@@ -423,10 +433,14 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin):
         if self.interval_embedder is not None:
             r = t if r_timestep is None else torch.as_tensor(r_timestep, device=x.device, dtype=torch.float32)
             cond = cond + self.interval_embedder(t - r.reshape(-1).expand(n), x.dtype)
+        blocks = prepared.blocks
         if prepared.repeat is not None:  # the batch is cat([repeated rows, sample]); x follows in block 0
             cond = torch.cat([cond[prepared.repeat], cond])
+            if self.is_cache_enabled:  # the cache hooks take a block's output minus its input, row by row
+                x = torch.cat([x[prepared.repeat], x])
+                blocks = [replace(blocks[0], repeat=None), *blocks[1:]]
         block_cond = self.adaLN_single(cond) if self.adaLN_single is not None else cond
-        for block, block_context in zip(self.blocks, prepared.blocks, strict=True):
+        for block, block_context in zip(self.blocks, blocks, strict=True):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, block_cond, block_context)
             else:
