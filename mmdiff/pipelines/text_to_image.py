@@ -402,6 +402,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         num_train = self.scheduler.config.num_train_timesteps
         step_kwargs = self._step_kwargs(generator * s if isinstance(generator, list) else generator)
         self._num_timesteps = len(self.scheduler.timesteps)
+        flow_map = is_flow_map(self.scheduler)  # z_t -> z_r: the model is given each step's interval end r
 
         # 4. denoise
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
@@ -412,7 +413,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
                     guided_model.set_scales([check_number("guidance_scale", self._guidance_scale, 0.0)])
                 t = timestep_to_t(timestep, num_train).to(device)
                 interval = {}
-                if is_flow_map(self.scheduler):  # z_t -> z_r: the model's interval
+                if flow_map:
                     interval["r_timestep"] = self.scheduler.sigmas[i + 1].float().to(device)
                 guided = guided_model(self._scale_model_input(latents, timestep), t, **interval)
                 latents = self.scheduler.step(guided, timestep, latents, **step_kwargs).prev_sample

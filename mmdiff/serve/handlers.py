@@ -10,7 +10,6 @@ a prompt longer than the model reads is sampled from its first tokens, and the r
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 import threading
 import unicodedata
@@ -22,7 +21,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from ..checks import check_text, shown_number
+from ..checks import check_text, finite_number, is_number, shown_number
 from ..diffusion.masked import REMASKING, SAMPLERS
 from ..pipelines import MMDiffTextToImagePipeline, as_image_to_text
 from ..pipelines.schedulers import make_scheduler, scheduler_names
@@ -133,13 +132,9 @@ def _shown(value: float) -> str:
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    try:
-        inside = math.isfinite(value) and low <= value <= high
-    except OverflowError:  # an int too large for a float (a seed of 10**400)
-        inside = False
-    if not inside:
+    if not (finite_number(value) and low <= value <= high):  # finite_number: False for 10**400 too
         raise ValueError(f"{name} must lie in [{_shown(low)}, {_shown(high)}], got {_shown(value)}")
     return float(value)
 

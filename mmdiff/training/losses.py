@@ -48,10 +48,18 @@ def image_task_loss(
     """
     if getattr(process, "interval", False):  # MeanFlow: `extra` is r; the target comes from the model itself
         r = extra
-        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text, r)
+        encoded = {}
+
+        def encode_once(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            # the target's extra forward reads the same rows' context: encode the captions once per step
+            if "context" not in encoded:
+                encoded["context"] = encode_text(rows)
+            return encoded["context"]
+
+        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_once, r)
 
         def u_fn(z: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-            return forward_with_dropout(model, z, t_, dropped, encode_text, r_)[0]
+            return forward_with_dropout(model, z, t_, dropped, encode_once, r_)[0]
 
         return process.model_loss(prediction, order, u_fn, noisy, target, t, r)
     prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text)
