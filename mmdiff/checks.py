@@ -7,6 +7,7 @@ import math
 import numbers
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -127,3 +128,42 @@ def open_image_file(path: str | Path) -> PIL.Image.Image:
     except Exception as err:  # PIL raises many types for damaged files: OSError, SyntaxError, EOFError, ...
         raise ValueError(f"image file {path} is damaged: {type(err).__name__}: {err}") from None
     return image
+
+
+# Sanity caps on sizes, each well above the largest real model so that no real configuration meets one: an absurd
+# value (model.hidden_size=10**9) is refused with its key and cap before anything is built, not after gigabytes are
+# allocated (10**9 timesteps took 2.3 GB) or inside torch. `mmdiff.config` applies them to training configs, `mmdiff.pipelines.loading` to saved folders.
+SIZE_CAPS: dict[str, tuple[int, str]] = {
+    "width": (65_536, "the widest real transformers are 16 384 (Llama 3.1 405B) and 18 432 (PaLM) wide"),
+    "mlp_width": (262_144, "the widest real MLPs are 53 248 (Llama 3.1 405B) and 73 728 (PaLM) wide"),
+    "mlp_ratio": (64, "real MLPs are 4 (or 8/3) times the width"),
+    "depth": (1_024, "the deepest real transformers have 118 (PaLM) and 126 (Llama 3.1 405B) layers"),
+    "heads": (4_096, "real models have at most 128 attention heads"),
+    "vocabulary": (1_048_576, "the largest real vocabularies have 262 144 tokens (Gemma 3)"),
+    "text_length": (65_536, "diffusion models read 77 (CLIP) to 512 (T5) prompt tokens"),
+    "positions": (16_777_216, "the longest real text encoders take 10 485 760 positions (Llama 4 Scout)"),
+    "channels": (16_384, "real VAE blocks are at most 512 channels wide, U-Net blocks 1 280, latents 4 to 128"),
+    "image_size": (65_536, "real models make images of at most 4 096 pixels a side"),
+    "patch_size": (1_024, "real models use patches of 1 to 32 pixels"),
+    "timesteps": (100_000, "real noise schedules have 1 000 training steps (4 000 in improved DDPM)"),
+    "batch_size": (1_048_576, "the largest real batches, 32 768 (CLIP), are spread over hundreds of GPUs"),
+}
+
+
+def over_cap(key: str, value: Any, kind: str) -> str | None:
+    """Why `value` (a number or a list of numbers) of setting `key` exceeds the SIZE_CAPS entry `kind`, or None."""
+    cap, real = SIZE_CAPS[kind]
+    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
+    for index, item in items:
+        if isinstance(item, int | float) and not isinstance(item, bool) and not item <= cap:  # NaN fails <= too
+            where = key if index is None else f"{key}[{index}]"
+            return f"{where}={shown_number(item)} is above the sanity cap {cap}: {real}"
+    return None
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written "[low, high)" etc. (see `mmdiff.config.RANGES`)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return bool(above and below)  # Python ints of any size compare with floats without overflow

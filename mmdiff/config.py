@@ -15,7 +15,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .checks import shown_number
+from .checks import in_interval, over_cap, shown_number
 from .data.captions import CAPTION_CHOICES
 from .data.policies import TEXT_TASK_PHRASINGS
 from .data.tokenizer import TOKENIZER_KINDS
@@ -123,6 +123,9 @@ class DiffusionConfig:
     meanflow_logit_mean: float = -0.4  # r and t: sorted pairs of logit-normal draws
     meanflow_logit_std: float = 1.0
     meanflow_fd_step: float = 5e-3  # the finite difference along the path that stands in for the JVP
+    # [w_min, w_max]: train on guided targets with w drawn from this range and given to the model as an input
+    # (guidance_embeds), so one forward per step samples with guidance at any w in it; null: CFG at sampling time
+    meanflow_guidance_range: list[float] | None = None
 
 
 @dataclass
@@ -153,6 +156,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "never"  # auto: continue from the newest complete checkpoint in output_dir | never
+    # a saved pipeline folder or hub id whose transformer weights start the run (fine-tuning; the EMA starts from
+    # them too); inputs this config adds that it lacks (guidance or interval embedders) keep their zero init
+    init_from: str | None = None
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop (keep the last good checkpoint) | skip the batch
     trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
 
@@ -392,24 +398,6 @@ RANGES = {
 }
 
 
-# Sanity caps on sizes, each well above the largest real model so that no real configuration meets one: an absurd
-# value (model.hidden_size=10**9) is refused with its key and cap before anything is built, not after gigabytes are
-# allocated (10**9 timesteps took 2.3 GB) or inside torch. `mmdiff.pipelines.loading` applies them to saved folders.
-SIZE_CAPS: dict[str, tuple[int, str]] = {
-    "width": (65_536, "the widest real transformers are 16 384 (Llama 3.1 405B) and 18 432 (PaLM) wide"),
-    "mlp_width": (262_144, "the widest real MLPs are 53 248 (Llama 3.1 405B) and 73 728 (PaLM) wide"),
-    "mlp_ratio": (64, "real MLPs are 4 (or 8/3) times the width"),
-    "depth": (1_024, "the deepest real transformers have 118 (PaLM) and 126 (Llama 3.1 405B) layers"),
-    "heads": (4_096, "real models have at most 128 attention heads"),
-    "vocabulary": (1_048_576, "the largest real vocabularies have 262 144 tokens (Gemma 3)"),
-    "text_length": (65_536, "diffusion models read 77 (CLIP) to 512 (T5) prompt tokens"),
-    "positions": (16_777_216, "the longest real text encoders take 10 485 760 positions (Llama 4 Scout)"),
-    "channels": (16_384, "real VAE blocks are at most 512 channels wide, U-Net blocks 1 280, latents 4 to 128"),
-    "image_size": (65_536, "real models make images of at most 4 096 pixels a side"),
-    "patch_size": (1_024, "real models use patches of 1 to 32 pixels"),
-    "timesteps": (100_000, "real noise schedules have 1 000 training steps (4 000 in improved DDPM)"),
-    "batch_size": (1_048_576, "the largest real batches, 32 768 (CLIP), are spread over hundreds of GPUs"),
-}
 # the training config's sizes, by the kind of cap that bounds them (lists: every element)
 CAPPED_KEYS = {
     **dict.fromkeys(("data.max_length", "text_encoder.max_length", "model.null_context_length"), "text_length"),
@@ -419,25 +407,6 @@ CAPPED_KEYS = {
     **{"data.image_size": "image_size", "model.patch_size": "patch_size", "model.hidden_size": "width"},
     **{"model.num_heads": "heads", "model.mlp_ratio": "mlp_ratio", "diffusion.num_train_timesteps": "timesteps"},
 }
-
-
-def over_cap(key: str, value: Any, kind: str) -> str | None:
-    """Why `value` (a number or a list of numbers) of setting `key` exceeds the SIZE_CAPS entry `kind`, or None."""
-    cap, real = SIZE_CAPS[kind]
-    items = list(enumerate(value)) if isinstance(value, list | tuple) else [(None, value)]
-    for index, item in items:
-        if isinstance(item, int | float) and not isinstance(item, bool) and not item <= cap:  # NaN fails <= too
-            where = key if index is None else f"{key}[{index}]"
-            return f"{where}={shown_number(item)} is above the sanity cap {cap}: {real}"
-    return None
-
-
-def in_interval(value: float, interval: str) -> bool:
-    """Whether `value` lies in `interval`, written "[low, high)" etc. (see RANGES)."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return bool(above and below)  # Python ints of any size compare with floats without overflow
 
 
 def validate(cfg: Config) -> None:
@@ -479,6 +448,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"text_encoder.kind={cfg.text_encoder.kind!r} needs text_encoder.path (a folder or a hub id)")
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.kind='pretrained' needs tokenizer.path (a folder or a hub id)")
+    guidance_range = cfg.diffusion.meanflow_guidance_range
+    if guidance_range is not None:
+        if cfg.diffusion.prediction_type != "meanflow":
+            raise ConfigError("diffusion.meanflow_guidance_range needs diffusion.prediction_type=meanflow")
+        if len(guidance_range) != 2 or not 1.0 <= guidance_range[0] <= guidance_range[1] <= 100.0:
+            raise ConfigError(
+                f"diffusion.meanflow_guidance_range={list(guidance_range)} must be [w_min, w_max] with "
+                "1 <= w_min <= w_max <= 100"
+            )
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} is not divisible by model.num_heads")
     if cfg.model.hidden_size % 4:  # the 2D sin-cos position embedding splits the width in four

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from mmdiff.checks import SIZE_CAPS
 from mmdiff.cli import main
-from mmdiff.config import SIZE_CAPS, ConfigError, load_config
+from mmdiff.config import ConfigError, load_config
 from mmdiff.pipelines import PipelineLoadError, check_pipeline_folder, loading
 
 TINY = "configs/shapes_tiny.yaml"

@@ -208,3 +208,145 @@ def test_train_a_meanflow_model_end_to_end_and_resume_exactly(tiny_train_setup, 
     assert type(pipe.scheduler).__name__ == "FlowMapEulerDiscreteScheduler"
     out = pipe("a small red circle", output_type="np")  # the folder's default: 2 steps
     assert out.images.shape == (1, 16, 16, 3) and out.num_forward_rows == 2 * 2
+
+
+# ---------------------------------------------------------------- guidance as a conditioning input
+
+
+def test_guided_targets_draw_w_per_row_and_mix_in_the_models_unconditional_velocity():
+    from mmdiff.diffusion.meanflow import guided_velocity, sample_guidance
+
+    dropped = torch.tensor([True, False] * 500)
+    g = torch.Generator().manual_seed(0)
+    assert sample_guidance(dropped, MeanFlowSettings(), g) is None  # no range: CFG at sampling time
+    w = sample_guidance(dropped, MeanFlowSettings(guidance_range=(1.5, 4.0)), g)
+    assert torch.equal(w[dropped], torch.ones(500))  # dropped rows learn the unconditional velocity
+    kept = w[~dropped]
+    assert kept.min() >= 1.5 and kept.max() <= 4.0 and kept.std() > 0.5  # spread over the range
+    v, u_null = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    scales = torch.tensor([1.0, 2.0, 3.0])
+    mixed = guided_velocity(v, u_null, scales)
+    assert torch.equal(mixed[0], v[0])  # w = 1: the plain velocity
+    assert torch.allclose(mixed[2], u_null[2] + 3.0 * (v[2] - u_null[2]))
+    with pytest.raises(ValueError, match="guidance_range"):
+        MeanFlowSettings(guidance_range=(0.5, 2.0))
+
+
+def test_the_guidance_input_starts_at_zero_and_then_matters(tokenizer):
+    from mmdiff.models.transformer import MMDiffTransformer2DModel
+
+    fresh = MMDiffTransformer2DModel(
+        vocab_size=len(tokenizer), hidden_size=32, depth=1, num_heads=2, guidance_embeds=True
+    )
+    last = fresh.guidance_embedder.mlp[2]
+    assert not last.weight.any() and not last.bias.any()
+    model = make_model(tokenizer, interval_conditioning=True, guidance_embeds=True, timestep_scale=1.0)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.5])
+    with torch.no_grad():
+        context, mask = model.null_context("text", 2)
+        unguided = model(x, t, context, mask)
+        assert torch.equal(model(x, t, context, mask, guidance=1.0), unguided)  # None means w = 1
+        at_three = model(x, t, context, mask, guidance=torch.tensor([3.0, 3.0]))
+        assert not torch.allclose(at_three, unguided)
+        per_row = model(x, t, context, mask, guidance=torch.tensor([1.0, 3.0]))
+        assert torch.allclose(per_row[0], unguided[0], atol=1e-6) and torch.allclose(per_row[1], at_three[1], atol=1e-6)
+
+
+def test_the_guided_training_target_uses_the_models_own_unconditional_prediction(tokenizer, monkeypatch):
+    from mmdiff.data.tokenizer import encode_captions
+
+    model = make_model(tokenizer, interval_conditioning=True, guidance_embeds=True, timestep_scale=1.0)
+    process = MeanFlowProcess(MeanFlowSettings(equal_fraction=1.0, guidance_range=(2.5, 2.5)))  # r = t, w = 2.5
+    seen = {}
+
+    def capture(self, u, order, u_fn, noisy, velocity, t, r):
+        seen.update(noisy=noisy, velocity=velocity, t=t)
+        return MeanFlowProcess.__dict__["_real_model_loss"](self, u, order, u_fn, noisy, velocity, t, r)
+
+    monkeypatch.setattr(MeanFlowProcess, "_real_model_loss", MeanFlowProcess.model_loss, raising=False)
+    monkeypatch.setattr(MeanFlowProcess, "model_loss", capture)
+    ids, _ = encode_captions(tokenizer, ["a small red circle", "a large blue square"] * 2, 12)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    weights = LossWeights(text=0.0, image_cond_drop=0.0)
+    loss = joint_losses(
+        model, latents, ids, tokenizer.pad_token_id, tokenizer.mask_token_id, process, weights, generator=g
+    )
+    assert math.isfinite(float(loss["loss"].detach()))
+    g = torch.Generator().manual_seed(1)  # the same draws again (p = 0 draws no dropout): intervals, then noise
+    _, t = sample_intervals(4, process.settings, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    assert torch.equal(seen["t"], t)
+    with torch.no_grad():
+        null, null_mask = model.null_context("text", 4)
+        u_null = model(seen["noisy"], t, null, null_mask)
+    expected = u_null + 2.5 * ((noise - latents) - u_null)
+    assert close_at_scale(seen["velocity"], expected)
+
+
+@pytest.fixture
+def guided_meanflow_pipe(tokenizer, vae):
+    model = make_model(tokenizer, interval_conditioning=True, guidance_embeds=True, timestep_scale=1.0)
+    process = make_image_process({"prediction_type": "meanflow"})
+    pipe = build_pipeline(model.eval(), vae, process.sampling_scheduler(), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@needs_flow_map
+def test_a_guidance_embedded_model_samples_guided_in_one_forward_per_step_and_sweeps(guided_meanflow_pipe):
+    pipe = guided_meanflow_pipe
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a small red circle", "a large blue square"]
+    out = pipe(prompts, guidance_scale=3.0, num_inference_steps=2, latents=noise, output_type="latent")
+    assert out.num_forward_rows == 2 * 2  # conditional rows only
+    assert not pipe.do_classifier_free_guidance
+    context, mask = pipe.text_context(*pipe.encode_prompt(prompts)[:2])
+    x = noise.clone()
+    with torch.no_grad():
+        for t, r in ((1.0, 0.5), (0.5, 0.0)):
+            x = meanflow_step(x, pipe.transformer(x, t, context, mask, r_timestep=r, guidance=3.0), t, r)
+    assert close_at_scale(out.images, x)
+    sweep = pipe.guidance_sweep(prompts, [1.0, 3.0], num_inference_steps=2, latents=noise, output_type="latent")
+    assert sweep.num_forward_rows == 2 * 2 * 2 and close_at_scale(sweep.images[1], out.images)
+    plain = pipe(prompts, guidance_scale=1.0, num_inference_steps=2, latents=noise, output_type="latent").images
+    assert close_at_scale(sweep.images[0], plain) and not torch.allclose(plain, out.images)
+    for bad in ({"negative_prompt": "a circle"}, {"guidance_interval": (0.2, 0.8)}, {"guidance": "apg"}):
+        with pytest.raises(ValueError, match=r"takes the guidance scale as an input .* cannot apply"):
+            pipe(prompts, num_inference_steps=1, output_type="latent", **bad)
+
+
+@needs_flow_map
+def test_fine_tune_a_meanflow_model_into_a_guidance_embedded_one_with_init_from(tiny_train_setup, tmp_path):
+    from conftest import stage_run_dir, tiny_train_overrides
+    from safetensors.torch import load_file
+
+    from mmdiff.config import load_config
+    from mmdiff.pipelines import MMDiffTextToImagePipeline
+    from mmdiff.training.trainer import train
+
+    meanflow = ["diffusion.prediction_type=meanflow", "sample.num_inference_steps=1"]
+    stage_run_dir(tiny_train_setup, tmp_path / "base")
+    base = train(load_config(None, tiny_train_overrides(tiny_train_setup, tmp_path / "base", max_steps=2) + meanflow))
+    stage_run_dir(tiny_train_setup, tmp_path / "tuned")
+    tuned_overrides = tiny_train_overrides(tiny_train_setup, tmp_path / "tuned", max_steps=1, lr=1e-12, warmup_steps=0)
+    guided = meanflow + ["diffusion.meanflow_guidance_range=[1.0,4.0]", f"train.init_from={base['pipeline']}"]
+    tuned = train(load_config(None, tuned_overrides + guided))
+    before = load_file(f"{base['pipeline']}/transformer/diffusion_pytorch_model.safetensors")
+    after = load_file(f"{tuned['pipeline']}/transformer/diffusion_pytorch_model.safetensors")
+    assert set(after) - set(before) and all(k.startswith("guidance_embedder.") for k in set(after) - set(before))
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # started from the base (lr ~ 0)
+    pipe = MMDiffTextToImagePipeline.from_pretrained(tuned["pipeline"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.guidance_embeds
+    assert pipe("a small red circle", guidance_scale=3.0, output_type="np").num_forward_rows == 1
+
+    # a source that does not fit the config's model: one error naming the key
+    stage_run_dir(tiny_train_setup, tmp_path / "wrong")
+    wrong = tiny_train_overrides(tiny_train_setup, tmp_path / "wrong", max_steps=1, **{"model.hidden_size": 64})
+    with pytest.raises(ValueError, match=r"train.init_from=.*: \S+ is \(.*\) there and \(.*\) in this config's model"):
+        train(load_config(None, wrong + guided))
+    with pytest.raises(ValueError, match=r"train.init_from='.*nowhere' has no transformer/"):
+        train(load_config(None, wrong + meanflow + [f"train.init_from={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ValueError, match="meanflow_guidance_range needs diffusion.prediction_type=meanflow"):
+        load_config(None, wrong[:1] + ["diffusion.meanflow_guidance_range=[1.0,3.0]"])

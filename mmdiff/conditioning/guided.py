@@ -107,6 +107,30 @@ class Condition:
     weak: WeakBranch | None = None
 
 
+def embeds_guidance(model) -> bool:
+    """Whether `model` takes the guidance scale as an input (`guidance_embeds`, a guidance-conditioned MeanFlow)."""
+    return bool(getattr(getattr(model, "config", None), "guidance_embeds", False))
+
+
+def check_embedded_guidance(spec: GuidanceSpec, negative, weak) -> None:
+    """A guidance-embedded model learned one rule, CFG against the learned null context at the given w: refuse
+    the sampling-time options that would combine branches it does not run."""
+    problems = [
+        (spec.method != "cfg", f"guidance={spec.method!r}"),
+        (spec.interval is not None, "guidance_interval"),
+        (spec.rescale != 0.0, "guidance_rescale"),
+        (negative is not None, "a negative prompt"),
+        (weak is not None, "a weak model"),
+    ]
+    named = [name for bad, name in problems if bad]
+    if named:
+        raise ValueError(
+            f"this model takes the guidance scale as an input (guidance_embeds: trained on guided targets, one "
+            f"forward per step with no unconditional branch), so {', '.join(named)} cannot apply; give "
+            "guidance_scale only"
+        )
+
+
 class GuidedModel:
     """model + condition + unconditional branch -> guided model predictions, `guided(sample, t)`.
 
@@ -151,6 +175,10 @@ class GuidedModel:
                 "transformer.disable_cache() before captioning"
             )
         self.model, self.modality, self.spec = model, modality, spec
+        # a model that takes w as an input (guidance_embeds) gives the guided prediction itself: conditional rows only
+        self.embedded = modality == "image" and embeds_guidance(model)
+        if self.embedded:
+            check_embedded_guidance(spec, negative, weak)
         self._cache_scope = CacheScope(model)  # one per sampling call: the hooks' state starts anew
         self.num_inference_steps = num_inference_steps
         self.interval, self.rescale = spec.interval, spec.rescale
@@ -232,6 +260,8 @@ class GuidedModel:
         model, n, device = self.model, self.n, sample.device
         step, self._step = self._step, self._step + 1
         kv = self._kv if self.cache_context else model.context_kv(self.context, self.context_mask, absorb=None)
+        if self.embedded:
+            return self._embedded(sample, t, kv)
         per_row_t = self.interval is not None and torch.as_tensor(t).numel() > 1
         if rows is not None or per_row_t:
             return self._some_rows(sample, t, kv, rows, step)
@@ -263,6 +293,15 @@ class GuidedModel:
                 start += n
             guided.append(cond)
         return torch.cat(guided) if len(guided) > 1 else guided[0]
+
+    def _embedded(self, sample: torch.Tensor, t, kv) -> torch.Tensor:
+        """A guidance-embedded model: one forward of the S*N conditional rows, group g at w = scales[g]."""
+        w = torch.tensor(self.scales, dtype=torch.float32, device=sample.device).repeat_interleave(self.n)
+        prepared = prepare_context(self.model, sample, self.context_mask, kv=kv)
+        with self._cache_scope((sample.shape[0], 0, 0)):
+            pred = self.model(sample, t, prepared=prepared, guidance=w, **self._interval)
+        self.num_forward_rows += sample.shape[0]
+        return pred
 
     def _predict(self, sample, t, kv, mask, uncond_rows, null_rows, weak_rows=None):
         """(unconditional predictions for `uncond_rows`, conditional predictions for every row): one batched forward
@@ -344,6 +383,7 @@ def forward_with_dropout(
     dropped: torch.Tensor,
     encode: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
     r_timestep: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training forward with condition dropout: rows where `dropped` (N,) is True see the learned null context.
 
@@ -351,7 +391,7 @@ def forward_with_dropout(
     go first in the batch as null rows (`prepare_context`): their conditions are not encoded and their
     cross-attention is one constant per block. Returns the prediction and the row order it is in (None: the input
     order); a loss that is a mean over rows reorders its target with it. `r_timestep` (N,): a MeanFlow model's
-    interval ends, reordered with the rows.
+    interval ends; `guidance` (N,): the guidance scales of a model with guidance embeds; both reordered with the rows.
 
     With none or every row dropped the plain formulation runs instead, which encodes every condition and uses the null
     context even then, so that every parameter has a gradient in every process of a DDP run (a process whose batch
@@ -359,14 +399,14 @@ def forward_with_dropout(
     """
     null_modality = CONDITION_MODALITY[modality_of(sample)]
     num_null = int(dropped.sum())
+    per_row = {k: v for k, v in (("r_timestep", r_timestep), ("guidance", guidance)) if v is not None}
     if num_null in (0, len(dropped)):
         context, mask = model.drop_context(*encode(None), dropped, null_modality)
-        interval = {} if r_timestep is None else {"r_timestep": r_timestep}
-        return model(sample, t, context, mask, **interval), None
+        return model(sample, t, context, mask, **per_row), None
     order = torch.argsort(dropped.to(torch.int8), descending=True, stable=True)
     context, mask = encode(order[num_null:])
     t = t[order] if t.ndim else t
-    interval = {} if r_timestep is None else {"r_timestep": r_timestep[order] if r_timestep.ndim else r_timestep}
+    per_row = {k: v[order] if v.ndim else v for k, v in per_row.items()}
     sample = sample[order]
     prepared = prepare_context(model, sample, mask, context=context, null_rows=num_null)
-    return model(sample, t, prepared=prepared, **interval), order
+    return model(sample, t, prepared=prepared, **per_row), order

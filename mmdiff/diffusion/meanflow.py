@@ -22,6 +22,15 @@ error is O(d) and is multiplied by (t - r); at d = 5e-3 it is far below the loss
 and r set to t in a fraction (`equal_fraction`, the paper's 75 %) of the rows, which are plain flow matching. The
 loss is the paper's adaptive weighting, sg(w) * ||u - u_tgt||^2 with w = 1 / (||u - u_tgt||^2 + c)^p (p = 1, c =
 1e-3), which makes the squared error behave like a robust one; the value it reports is the plain MSE.
+
+Guidance. CFG applied at sampling time to an average velocity extrapolates a whole interval at once: on the shapes
+benchmark one guided step at w = 3 lands far off the data (docs/results/meanflow.md has the figures). The paper
+instead trains on the guided field: the instantaneous velocity in the identity becomes
+v_w = u(z_t, t, t | null) + w (v - u(z_t, t, t | null)), the unconditional term from the model itself without
+gradient, so the model's average velocity is the guided one and one forward per step samples with guidance. With
+`guidance_range` set, w is drawn per row from that range and given to the model as a conditioning input
+(`guidance_embeds`), as improved MeanFlow (arXiv 2512.02012) does, so the scale can still be swept at sampling time;
+rows whose condition is dropped train at w = 1 on the plain velocity.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class MeanFlowSettings:
     fd_step: float = 5e-3
     adaptive_power: float = 1.0
     adaptive_eps: float = 1e-3
+    guidance_range: tuple[float, float] | None = None  # (w_min, w_max): guided targets, w a conditioning input
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.equal_fraction <= 1.0:
@@ -68,6 +78,30 @@ class MeanFlowSettings:
             raise ValueError(f"meanflow logit_std must be > 0, got {self.logit_std}")
         if self.adaptive_power < 0 or not self.adaptive_eps > 0:
             raise ValueError("meanflow adaptive_power must be >= 0 and adaptive_eps > 0")
+        if self.guidance_range is not None:
+            low, high = self.guidance_range
+            if not 1.0 <= low <= high:
+                raise ValueError(
+                    f"meanflow guidance_range must be [w_min, w_max] with 1 <= w_min <= w_max, got {[low, high]}"
+                )
+
+
+def sample_guidance(dropped: torch.Tensor, settings: MeanFlowSettings, generator=None) -> torch.Tensor | None:
+    """(N,) float32 guidance scales drawn uniformly from `settings.guidance_range`, 1 on the rows whose condition is
+    dropped (they learn the unconditional velocity); None without a range."""
+    if settings.guidance_range is None:
+        return None
+    low, high = settings.guidance_range
+    w = low + (high - low) * torch.rand(dropped.shape[0], device=dropped.device, generator=generator)
+    return torch.where(dropped, torch.ones_like(w), w)
+
+
+def guided_velocity(velocity: torch.Tensor, unconditional: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """v_w = u_null + w (v - u_null) per row, the guided instantaneous velocity that MeanFlow's identity then
+    averages, written v + (w - 1)(v - u_null) so that w = 1 gives v exactly. `unconditional`: the model's r = t
+    prediction on the null context."""
+    v = velocity.float()
+    return (v + _bcast(guidance - 1.0, v) * (v - unconditional.detach().float())).to(velocity.dtype)
 
 
 def sample_intervals(

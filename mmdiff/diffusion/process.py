@@ -31,7 +31,14 @@ from .gaussian import (
     sample_timesteps,
     timestep_to_t,
 )
-from .meanflow import MeanFlowSettings, meanflow_loss, meanflow_target, require_flow_map_scheduler, sample_intervals
+from .meanflow import (
+    MeanFlowSettings,
+    meanflow_loss,
+    meanflow_target,
+    require_flow_map_scheduler,
+    sample_guidance,
+    sample_intervals,
+)
 
 # every value of `diffusion.prediction_type`: the Gaussian ones and flow matching
 OBJECTIVES = (*PREDICTION_TYPES, "flow", "meanflow")
@@ -113,6 +120,10 @@ class MeanFlowProcess:
         noise = torch.randn(latents.shape, device=latents.device, generator=generator, dtype=latents.dtype)
         return flow_interpolate(latents, noise, t), flow_target(latents, noise), t, r
 
+    def training_guidance(self, dropped: torch.Tensor, generator=None) -> torch.Tensor | None:
+        """Per-row guidance scales for a guidance-conditioned model (`MeanFlowSettings.guidance_range`), else None."""
+        return sample_guidance(dropped, self.settings, generator)
+
     def model_loss(self, u, order, u_fn, noisy, velocity, t, r) -> torch.Tensor:
         """The MeanFlow loss of the model's average velocity `u` (rows in `order`), its target from `u_fn`."""
         target = meanflow_target(u_fn, noisy, velocity, r, t, u, self.settings.fd_step, order)
@@ -134,6 +145,7 @@ def make_image_process(diffusion) -> GaussianProcess | FlowProcess | MeanFlowPro
                 logit_std=get("meanflow_logit_std", 1.0),
                 equal_fraction=get("meanflow_equal_fraction", 0.75),
                 fd_step=get("meanflow_fd_step", 5e-3),
+                guidance_range=tuple(get("meanflow_guidance_range")) if get("meanflow_guidance_range") else None,
             ),
             shift=get("flow_shift", 1.0),
         )

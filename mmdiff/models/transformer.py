@@ -105,6 +105,10 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             SiT and MeanFlow do: their target holds the model's own derivative in t, and features that turn 1000
             radians per unit of t make it large and training diverge (measured on a tiny model: at 1000 the loss
             grew from 2.2 to 6e4 in 25 steps, at 1 it fell to 1.1).
+        guidance_embeds: the guidance scale w is a conditioning input (`forward(..., guidance=w)`), as FLUX.1-dev's
+            `guidance_embeds`: a MeanFlow model trained on guided targets over a range of w (improved MeanFlow,
+            arXiv 2512.02012) gives the guided prediction in one forward, with no unconditional rows; w = 1 (and
+            None) is unguided.
     """
 
     _supports_gradient_checkpointing = True
@@ -117,6 +121,7 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         "norm",
         "t_embedder",
         "interval_embedder",
+        "guidance_embedder",
     ]
 
     @register_to_config
@@ -138,6 +143,7 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         adaln: str = "single",
         interval_conditioning: bool = False,
         timestep_scale: float = 1000.0,
+        guidance_embeds: bool = False,
     ):
         super().__init__()
         if adaln not in ADALN_MODES:
@@ -147,6 +153,8 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         self.t_embedder = TimestepEmbedder(d, scale=timestep_scale)
         # MeanFlow: the interval's length h = t - r, embedded like t and added to it (h = 0: the instantaneous velocity)
         self.interval_embedder = TimestepEmbedder(d, scale=timestep_scale) if interval_conditioning else None
+        # embedded guidance: w - 1 (0 = unguided) embedded like t, at one radian per unit of w
+        self.guidance_embedder = TimestepEmbedder(d, scale=1.0) if guidance_embeds else None
         self.task_embed = nn.Embedding(2, d)
 
         # noisy streams
@@ -233,6 +241,10 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             nn.init.normal_(self.interval_embedder.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.interval_embedder.mlp[2].weight)
             nn.init.zeros_(self.interval_embedder.mlp[2].bias)
+        if self.guidance_embedder is not None:  # starts unguided: a model fine-tuned from one without it is unchanged
+            nn.init.normal_(self.guidance_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.guidance_embedder.mlp[2].weight)
+            nn.init.zeros_(self.guidance_embedder.mlp[2].bias)
         # adaLN-Zero: every block starts as the identity and both heads predict zeros
         for linear in [block.adaLN_modulation[-1] for block in self.blocks if block.adaLN_modulation is not None] + (
             [self.adaLN_single[-1]] if self.adaLN_single is not None else []
@@ -398,6 +410,7 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         context_mask: torch.Tensor | None = None,
         prepared: PreparedContext | None = None,
         r_timestep: torch.Tensor | float | None = None,
+        guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Raw prediction for one noisy stream.
 
@@ -411,6 +424,8 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
             r_timestep: the interval's end r <= t, (N,) or a scalar, for a model with `interval_conditioning`
                 (MeanFlow: the output is the average velocity over [r, t]); None means r = t, the instantaneous
                 velocity. A model without interval conditioning ignores it.
+            guidance: the guidance scale w, (N,) or a scalar, for a model with `guidance_embeds` (its guided
+                prediction); None means w = 1, unguided. A model without guidance embeds ignores it.
         Returns:
             image task: (N, C, H, W) epsilon/v prediction; text task: (N, L, V) logits.
         """
@@ -433,6 +448,9 @@ class MMDiffTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         if self.interval_embedder is not None:
             r = t if r_timestep is None else torch.as_tensor(r_timestep, device=x.device, dtype=torch.float32)
             cond = cond + self.interval_embedder(t - r.reshape(-1).expand(n), x.dtype)
+        if self.guidance_embedder is not None:
+            w = torch.ones_like(t) if guidance is None else torch.as_tensor(guidance, device=x.device).float()
+            cond = cond + self.guidance_embedder(w.reshape(-1).expand(n) - 1.0, x.dtype)
         blocks = prepared.blocks
         if prepared.repeat is not None:  # the batch is cat([repeated rows, sample]); x follows in block 0
             cond = torch.cat([cond[prepared.repeat], cond])

@@ -5,7 +5,7 @@ weights, reports a truncated file without saying which component it belongs to, 
 `.bin` weights. `check_pipeline_folder` runs before diffusers and turns each of these into a `PipelineLoadError`.
 
 Nothing a folder claims is allocated before it is checked: every component's config is read as JSON and its sizes
-held against `mmdiff.config.SIZE_CAPS` (a transformer 10**9 wide, a scheduler of 10**9 timesteps) before any class
+held against `mmdiff.checks.SIZE_CAPS` (a transformer 10**9 wide, a scheduler of 10**9 timesteps) before any class
 is built from it, models are built on the meta device, and the weights files together must fit in this machine's
 memory (a sparse 16 GB file of holes claims what it cannot hold).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from ..config import over_cap
+from ..checks import over_cap
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # the config files of a component folder whose sizes are checked (a tokenizer's tokenizer_config.json holds no sizes;
@@ -34,7 +34,7 @@ CONFIG_FILES = ("config.json", "scheduler_config.json")
 # A config is a few KB: anything far bigger is not one, and is not read into memory.
 MAX_CONFIG_BYTES = 16 * 2**20
 # The keys of diffusers, transformers and mmdiff component configs that size what gets built, by the kind of
-# `mmdiff.config.SIZE_CAPS` entry that bounds them; checked at any depth (transformers nests text_config, ...).
+# `mmdiff.checks.SIZE_CAPS` entry that bounds them; checked at any depth (transformers nests text_config, ...).
 FOLDER_CAPPED_KEYS = {
     **dict.fromkeys(("hidden_size", "d_model", "external_text_dim", "projection_dim", "cross_attention_dim"), "width"),
     **dict.fromkeys(("intermediate_size", "d_ff"), "mlp_width"),

@@ -15,7 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..checks import check_number
-from ..conditioning.guided import Condition, GuidanceSpec, GuidedModel, WeakBranch
+from ..conditioning.guided import Condition, GuidanceSpec, GuidedModel, WeakBranch, embeds_guidance
 from ..diffusion.gaussian import timestep_to_t
 from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
@@ -63,6 +63,12 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     """
 
     _callback_tensor_inputs = ["latents"]
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the unconditional branch runs at the current w (w != 1); never for a transformer that takes w as
+        an input (`guidance_embeds`), whose one forward gives the guided prediction."""
+        return self._guidance_scale != 1.0 and not embeds_guidance(self.transformer)
 
     @torch.no_grad()
     def __call__(

@@ -10,6 +10,7 @@ import torch
 from ..conditioning.guided import forward_with_dropout
 from ..diffusion.gaussian import image_loss
 from ..diffusion.masked import mask_tokens, mdlm_loss, sample_mask_levels, suppress_mask_logit
+from ..diffusion.meanflow import guided_velocity
 from ..diffusion.process import FlowProcess, GaussianProcess
 from ..models.transformer import MMDiffTransformer2DModel
 
@@ -39,6 +40,7 @@ def image_task_loss(
     encode_text: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
     process: GaussianProcess | FlowProcess | None = None,
     extra=None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The text -> image loss with condition dropout for `noisy` (N, C, H, W) at `t` (N,): the process's loss (MSE,
     or flow matching's weighted MSE; `extra`: what `process.training_inputs` returned for it).
@@ -56,10 +58,17 @@ def image_task_loss(
                 encoded["context"] = encode_text(rows)
             return encoded["context"]
 
-        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_once, r)
+        guidance = process.training_guidance(
+            dropped, generator
+        )  # per-row w for a guidance-conditioned model, else None
+        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_once, r, guidance)
+        if guidance is not None:  # the guided field: the unconditional term is the model's own (r = t, w = 1)
+            with torch.no_grad():
+                null, null_mask = model.null_context("text", noisy.shape[0])
+                target = guided_velocity(target, model(noisy, t, null, null_mask), guidance)
 
         def u_fn(z: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
-            return forward_with_dropout(model, z, t_, dropped, encode_once, r_)[0]
+            return forward_with_dropout(model, z, t_, dropped, encode_once, r_, guidance)[0]
 
         return process.model_loss(prediction, order, u_fn, noisy, target, t, r)
     prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_text)
@@ -105,7 +114,7 @@ def joint_losses(
         ids = input_ids if rows is None else input_ids[rows]
         return model.encode_text(ids, ids != pad_token_id)
 
-    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text, image_process, extra)
+    loss_image = image_task_loss(model, noisy, target, t_image, dropped, encode_text, image_process, extra, generator)
 
     # image -> text: the clean latents are the context, dropped with p = text_cond_drop
     dropped_images = drop_ids(n, weights.text_cond_drop, device, generator)

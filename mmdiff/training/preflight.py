@@ -64,3 +64,13 @@ def check_pretrained(cfg: Config) -> None:
             raise ConfigError(str(err)) from None
         if not path.exists():
             raise ConfigError(f"{key}={name!r} does not exist (give a folder or a hub id org/name)")
+    if cfg.train.init_from:  # a pipeline whose transformer starts the run: checked before any stage trains
+        try:
+            path = resolve_pretrained(cfg.train.init_from, subfolder="transformer", what="train.init_from")
+        except HubResolveError as err:
+            raise ConfigError(str(err)) from None
+        if not (path / "diffusion_pytorch_model.safetensors").is_file():
+            raise ConfigError(
+                f"train.init_from={cfg.train.init_from!r} has no transformer/diffusion_pytorch_model.safetensors "
+                "(give a saved pipeline folder or a hub id org/name)"
+            )

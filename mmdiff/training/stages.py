@@ -111,7 +111,45 @@ def build_model(cfg: Config, tokenizer, vae, external_text_dim: int | None) -> M
         external_text_dim=external_text_dim,
         interval_conditioning=cfg.diffusion.prediction_type == "meanflow",
         timestep_scale=1.0 if cfg.diffusion.prediction_type == "meanflow" else 1000.0,
+        guidance_embeds=cfg.diffusion.meanflow_guidance_range is not None,
     )
+
+
+# modules that start as "adds nothing" (zero-initialised output layers), so a model fine-tuned from weights
+# without them starts as that model: a MeanFlow interval or a guidance input added to a trained model
+ZERO_INIT_MODULES = ("interval_embedder.", "guidance_embedder.")
+
+
+def init_transformer_from(model: MMDiffTransformer2DModel, source: str) -> str:
+    """Load `train.init_from`'s transformer weights (a pipeline folder or hub id, safetensors) into `model`.
+
+    Every weight of the source must fit the model in name and shape; the model may have more, only among
+    `ZERO_INIT_MODULES`. Returns a line saying what was loaded and what kept its init. A mismatch is one ValueError
+    naming the first key."""
+    from safetensors.torch import load_file
+
+    folder = resolve_pretrained(source, subfolder="transformer", what="train.init_from")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"train.init_from={source}: no transformer weights at {weights} (a saved pipeline folder)")
+    loaded = load_file(str(weights))
+    own = model.state_dict()
+    unexpected = sorted(set(loaded) - set(own))
+    if unexpected:
+        raise ValueError(f"train.init_from={source} has weights this model has no place for, e.g. {unexpected[0]}")
+    for key, value in loaded.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"train.init_from={source}: {key} is {tuple(value.shape)} there and {tuple(own[key].shape)} in this "
+                "config's model (model.* and the data's shapes must match)"
+            )
+    missing = sorted(set(own) - set(loaded))
+    foreign = [key for key in missing if not key.startswith(ZERO_INIT_MODULES)]
+    if foreign:
+        raise ValueError(f"train.init_from={source} lacks weights this model needs, e.g. {foreign[0]}")
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted({key.split(".")[0] for key in missing})
+    return f"transformer weights from {source}" + (f"; {', '.join(fresh)} start at their zero init" if fresh else "")
 
 
 def transformer_from_config(
@@ -123,6 +161,7 @@ def transformer_from_config(
     external_text_dim: int | None = None,
     interval_conditioning: bool = False,
     timestep_scale: float = 1000.0,
+    guidance_embeds: bool = False,
 ) -> MMDiffTransformer2DModel:
     """The MMDiT a `model:` config section describes, for the given data shapes (training and `mmdiff bench`)."""
     return MMDiffTransformer2DModel(
@@ -143,6 +182,7 @@ def transformer_from_config(
         external_text_dim=external_text_dim,
         interval_conditioning=interval_conditioning,
         timestep_scale=timestep_scale,
+        guidance_embeds=guidance_embeds,
     )
 
 

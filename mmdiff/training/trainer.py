@@ -49,7 +49,14 @@ from .resume import (
     total_skips,
     trim_metrics,
 )
-from .stages import build_model, build_pipeline, load_text_encoder, prepare_tokenizer, prepare_vae
+from .stages import (
+    build_model,
+    build_pipeline,
+    init_transformer_from,
+    load_text_encoder,
+    prepare_tokenizer,
+    prepare_vae,
+)
 from .state import TrainerHooks, TrainState, restore_skip_counts
 
 __all__ = [
@@ -168,6 +175,8 @@ class Trainer:
         set_seed(cfg.train.seed)  # the VAE stage ran only on the main process: re-align the RNG before model init
         frozen_dim = frozen_encoder_dim(self.text_encoder) if self.text_encoder is not None else None
         self.model = model = build_model(cfg, tokenizer, vae, frozen_dim)
+        if cfg.train.init_from:
+            accelerator.print(init_transformer_from(model, cfg.train.init_from))
         self.conditioner = TextConditioner(
             tokenizer, self.text_encoder, self.encoder_tokenizer, cfg.text_encoder.max_length
         )
