@@ -93,3 +93,57 @@ def test_caption_context_cache_switch_gives_the_same_captions(pipe):
         outputs.append(out)
     assert torch.equal(outputs[0].token_ids, outputs[1].token_ids)
     torch.testing.assert_close(outputs[0].confidences, outputs[1].confidences)
+
+
+def _frontier_row(label, model, accuracy, block_rows, **setting):
+    return {
+        "label": label, "model": model, "scheduler": setting.get("scheduler"), "steps": setting.get("steps", 1),
+        "interval": None, "cache": None, "guidance_scale": 3.0, "prompt_accuracy": accuracy, "fd": 1.0,
+        "caption_accuracy": 1.0, "rows_per_image": block_rows, "block_rows_per_image": block_rows,
+    }  # fmt: skip
+
+
+def test_equal_quality_picks_each_models_cheapest_setting_within_a_point_of_the_reference(tmp_path, capsys):
+    from mmdiff.bench.equal_quality import pick_settings, read_frontier
+
+    frontier = {
+        "rows": [
+            _frontier_row("v DDIM 25", "shipped", 0.960, 50),
+            _frontier_row("v DPM++ 10", "shipped", 0.952, 20),  # within one point: chosen over the reference
+            _frontier_row("v DPM++ 8", "shipped", 0.940, 16),  # cheaper but two points off
+            _frontier_row("MeanFlow 2 steps", "few-step", 0.955, 2),
+            _frontier_row("MeanFlow 1 step", "few-step", 0.951, 1),  # the cheapest within a point
+            _frontier_row("flow UniPC 8", "flow", 0.90, 16),  # never reaches it
+            {"label": "flow UniPC 25", "model": "flow", "not_run": "no --flow-model given"},
+        ]
+    }
+    reference, chosen = pick_settings(frontier)
+    assert reference["label"] == "v DDIM 25"
+    assert [row["label"] for row in chosen] == ["v DDIM 25", "v DPM++ 10", "MeanFlow 1 step"]
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps({"rows": frontier["rows"][1:]}))
+    with pytest.raises(ValueError, match="has no measured 'v DDIM 25' row"):
+        read_frontier(path)
+    # the section without a frontier, or with a bad one: one line, exit 2, before anything runs
+    assert main(["bench", "--sections", "equal_quality", "--out", str(tmp_path / "b.json")]) == 2
+    assert "needs --frontier FRONTIER.json" in capsys.readouterr().err
+    assert main(["bench", "--frontier", str(path), "--out", str(tmp_path / "b.json")]) == 2
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_the_frontier_measures_rows_blocks_and_accuracy_on_the_shipped_model():
+    from mmdiff.eval.benchmarks.shapes.frontier import run_frontier
+    from mmdiff.paths import SHIPPED_MODEL, VAL_SAMPLE, find_repo_file
+
+    labels = ["v DPM++ 8 + interval", "v DDIM 25 + FBC 0.2", "MeanFlow 1 step"]
+    rows, prompts = run_frontier(
+        {"shipped": str(find_repo_file(SHIPPED_MODEL))}, str(find_repo_file(VAL_SAMPLE)), 4, 2, labels, 4
+    )
+    interval, cached, few_step = rows
+    assert len(prompts) == 4 and few_step["not_run"] == "no --few-step-model given"
+    # 8 steps: the conditional row at each, the unconditional one only inside (0.2, 0.8)
+    assert 8 < interval["rows_per_image"] < 16 and interval["blocks_run"] == 1.0
+    assert cached["rows_per_image"] == 50 and 0 < cached["blocks_run"] < 1  # the cache skips blocks, not rows
+    assert cached["block_rows_per_image"] < 50
+    for row in (interval, cached):
+        assert 0 <= row["prompt_accuracy"] <= 1 and row["fd"] > 0 and row["images_per_s"] > 0

@@ -5,6 +5,8 @@ Sections (each contender alternated with the other over the repeats, after warm-
     sample   text-to-image with CFG (mmdiff vs PixArtAlphaPipeline), then mmdiff with the guidance interval: images/s
     caption  captions/s with and without the context K/V cache, for several step counts
     scaling  mmdiff's two-direction step time against latent tokens and against caption length
+    equal_quality  (with --frontier) the trained shapes models at the cheapest setting within one point of the
+             shipped model's 25-step prompt accuracy, against PixArt's pipeline at 25 steps (`equal_quality.py`)
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pathlib import Path
 import torch
 
 from . import contenders as C
+from .equal_quality import bench_equal_quality, read_frontier
 from .flops import measure_peak_flops, mmdiff_train_flops, pixart_train_flops
 from .presets import PRESETS, BenchPreset, machine_info, quick
 from .timing import Contender, keep_freed_memory, paired_ratio, peak_memory_mb, summarize, time_alternating
 
-SECTIONS = ("train", "sample", "caption", "scaling")
+SECTIONS = ("train", "sample", "caption", "scaling")  # the default; equal_quality needs a frontier file
+ALL_SECTIONS = (*SECTIONS, "equal_quality")
 
 
 def resolve_preset(
@@ -48,21 +52,28 @@ def resolve_preset(
     return preset
 
 
-def run_bench(preset: BenchPreset, out: str | Path, sections=SECTIONS, compile_models: bool = False) -> dict:
-    """Run the chosen sections of the benchmark, write the JSON report to `out` and return it."""
-    unknown = set(sections) - set(SECTIONS)
+def run_bench(
+    preset: BenchPreset, out: str | Path, sections=SECTIONS, compile_models: bool = False, frontier=None
+) -> dict:
+    """Run the chosen sections of the benchmark, write the JSON report to `out` and return it. `frontier`: the
+    JSON of `scripts/frontier.py`, which the equal_quality section needs (`equal_quality.py`)."""
+    unknown = set(sections) - set(ALL_SECTIONS)
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {ALL_SECTIONS}")
+    if "equal_quality" in sections and frontier is None:
+        raise ValueError("the equal_quality section needs --frontier FRONTIER.json (scripts/frontier.py writes it)")
+    if frontier is not None:
+        read_frontier(frontier)  # a bad file is refused before any section runs
     threads_before = torch.get_num_threads()
     if preset.threads is not None:
         torch.set_num_threads(preset.threads)
     try:
-        return _run_sections(preset, out, sections, compile_models)
+        return _run_sections(preset, out, sections, compile_models, frontier)
     finally:  # an in-process caller (the tests) keeps its own thread count
         torch.set_num_threads(threads_before)
 
 
-def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models: bool) -> dict:
+def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models: bool, frontier) -> dict:
     device = torch.device(preset.device)
     started = time.time()
     dtype = torch.bfloat16 if preset.autocast_bf16 and device.type == "cuda" else torch.float32
@@ -84,6 +95,7 @@ def _run_sections(preset: BenchPreset, out: str | Path, sections, compile_models
         "sample": lambda: bench_sample(preset, tokenizer, vae, device, autocast, compile_models),
         "caption": lambda: bench_caption(preset, tokenizer, vae, device, autocast, compile_models),
         "scaling": lambda: bench_scaling(preset, tokenizer, device, autocast),
+        "equal_quality": lambda: bench_equal_quality(preset, frontier, device, autocast),
     }
     for name in sections:
         report[name] = steps[name]()
@@ -340,6 +352,12 @@ def format_table(report: dict) -> str:
         for name, res in samplers.items():
             base = samplers["schedule K=16"]["per_s"] if name != "schedule K=16" else None
             lines.append(row("caption", name, res, "cap/s", base) + f"  {res['rows_per_caption']:.1f} rows/caption")
+    if "equal_quality" in report:
+        eq = report["equal_quality"]["results"]
+        for name, res in eq.items():
+            base = eq["pixart 25"]["per_s"] if name != "pixart 25" else None
+            quality = f"  accuracy {res['prompt_accuracy']:.3f}" if "prompt_accuracy" in res else ""
+            lines.append(row("equal-q", name[:22], res, "img/s", base) + quality)
     if "scaling" in report:
         sc = report["scaling"]
         lines.append(f"scaling (mmdiff joint step, batch {sc['batch']}):")

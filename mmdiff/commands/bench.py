@@ -14,7 +14,13 @@ def add_parser(sub) -> None:
     bench.add_argument("--compile", action="store_true", help="torch.compile both contenders' transformers")
     bench.add_argument("--quick", action="store_true", help="a seconds-long smoke run with a tiny model (CI)")
     bench.add_argument(
-        "--sections", nargs="+", choices=["train", "sample", "caption", "scaling"], help="default: all four"
+        "--sections",
+        nargs="+",
+        choices=["train", "sample", "caption", "scaling", "equal_quality"],
+        help="default: train, sample, caption, scaling (and equal_quality when --frontier is given)",
+    )
+    bench.add_argument(
+        "--frontier", help="a scripts/frontier.py JSON: time its models at equal quality (the equal_quality section)"
     )
 
 
@@ -22,7 +28,9 @@ def run(args) -> int:
     from ..bench.run import SECTIONS, format_table, resolve_preset, run_bench
 
     preset = resolve_preset(args.preset, args.quick, args.repeats, args.warmup, args.threads, args.device)
-    report = run_bench(preset, args.out, tuple(args.sections or SECTIONS), compile_models=args.compile)
+    default = (*SECTIONS, "equal_quality") if args.frontier else SECTIONS
+    sections = tuple(args.sections or default)
+    report = run_bench(preset, args.out, sections, compile_models=args.compile, frontier=args.frontier)
     print(format_table(report))
     print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     return 0
