@@ -100,6 +100,7 @@ def _frontier_row(label, model, accuracy, block_rows, **setting):
         "label": label, "model": model, "scheduler": setting.get("scheduler"), "steps": setting.get("steps", 1),
         "interval": None, "cache": None, "guidance_scale": 3.0, "prompt_accuracy": accuracy, "fd": 1.0,
         "caption_accuracy": 1.0, "rows_per_image": block_rows, "block_rows_per_image": block_rows,
+        "images_per_s": setting.get("per_s", 1.0), **({"cache": setting["cache"]} if "cache" in setting else {}),
     }  # fmt: skip
 
 
@@ -114,12 +115,19 @@ def test_equal_quality_picks_each_models_cheapest_setting_within_a_point_of_the_
             _frontier_row("MeanFlow 2 steps", "few-step", 0.955, 2),
             _frontier_row("MeanFlow 1 step", "few-step", 0.951, 1),  # the cheapest within a point
             _frontier_row("flow UniPC 8", "flow", 0.90, 16),  # never reaches it
+            _frontier_row("v DDIM 25 + FBC 0.2", "shipped", 0.94, 21, cache="fbc 0.2"),  # a family of its own: missed
+            _frontier_row("v DDIM 25 + TaylorSeer 2", "shipped", 0.958, 50, cache="taylorseer 2", per_s=2.0),
             {"label": "flow UniPC 25", "model": "flow", "not_run": "no --flow-model given"},
         ]
     }
     reference, chosen = pick_settings(frontier)
     assert reference["label"] == "v DDIM 25"
-    assert [row["label"] for row in chosen] == ["v DDIM 25", "v DPM++ 10", "MeanFlow 1 step"]
+    assert [row["label"] for row in chosen] == [
+        "v DDIM 25",
+        "v DPM++ 10",
+        "MeanFlow 1 step",
+        "v DDIM 25 + TaylorSeer 2",
+    ]
     path = tmp_path / "frontier.json"
     path.write_text(json.dumps({"rows": frontier["rows"][1:]}))
     with pytest.raises(ValueError, match="has no measured 'v DDIM 25' row"):
