@@ -132,7 +132,8 @@ def open_image_file(path: str | Path) -> PIL.Image.Image:
 
 # Sanity caps on sizes, each well above the largest real model so that no real configuration meets one: an absurd
 # value (model.hidden_size=10**9) is refused with its key and cap before anything is built, not after gigabytes are
-# allocated (10**9 timesteps took 2.3 GB) or inside torch. `mmdiff.config` applies them to training configs, `mmdiff.pipelines.loading` to saved folders.
+# allocated (10**9 timesteps took 2.3 GB) or inside torch. `mmdiff.config` applies them to training configs,
+# `mmdiff.pipelines.loading` to saved folders.
 SIZE_CAPS: dict[str, tuple[int, str]] = {
     "width": (65_536, "the widest real transformers are 16 384 (Llama 3.1 405B) and 18 432 (PaLM) wide"),
     "mlp_width": (262_144, "the widest real MLPs are 53 248 (Llama 3.1 405B) and 73 728 (PaLM) wide"),

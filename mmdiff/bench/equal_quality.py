@@ -12,11 +12,13 @@ setting are recorded next to its time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
 from ..eval.benchmarks.shapes.frontier import Contender, apply_setting
 from ..pipelines.factory import load_pipeline
 from . import contenders as C
@@ -154,10 +156,6 @@ def bench_equal_quality(preset: BenchPreset, frontier_path: str | Path, device, 
 
 def matched_preset(preset: BenchPreset, pipe) -> BenchPreset:
     """The preset with the shipped transformer's shape (PixArt is built from it)."""
-    import dataclasses
-
-    from ..config import ModelConfig
-
     cfg = pipe.transformer.config
     model = ModelConfig(
         patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,

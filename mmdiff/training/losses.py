@@ -58,9 +58,8 @@ def image_task_loss(
                 encoded["context"] = encode_text(rows)
             return encoded["context"]
 
-        guidance = process.training_guidance(
-            dropped, generator
-        )  # per-row w for a guidance-conditioned model, else None
+        # per-row w for a guidance-conditioned model, else None
+        guidance = process.training_guidance(dropped, generator)
         prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_once, r, guidance)
         if guidance is not None:  # the guided field: the unconditional term is the model's own (r = t, w = 1)
             with torch.no_grad():

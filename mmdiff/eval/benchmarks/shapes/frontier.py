@@ -136,7 +136,8 @@ def measure(contender: Contender, model: LoadedModel, batch_size: int) -> dict:
     generate(pipe, records.prompts[:2], contender, w, batch_size)  # warm-up: first-call costs stay out
     model.counter.reset()
     images, forward_rows, seconds = generate(pipe, records.prompts, contender, w, batch_size)
-    apply_setting(pipe, Contender(contender.label, contender.model, None, contender.steps))  # the cache off again
+    if contender.cache is not None:
+        pipe.transformer.disable_cache()
     benchmark = model.run.benchmark
     accuracy = benchmark.image_metrics(images, records.prompts, pipe.image_size, 0)["prompt_accuracy"]
     fd = image_space_metrics(model.space, images, records.images, records.prompts, real_features=model.real_features)
