@@ -126,6 +126,9 @@ class DiffusionConfig:
     # [w_min, w_max]: train on guided targets with w drawn from this range and given to the model as an input
     # (guidance_embeds), so one forward per step samples with guidance at any w in it; null: CFG at sampling time
     meanflow_guidance_range: list[float] | None = None
+    # kappa in [0, 1): the share of the guided target taken from the model's own conditional prediction, which
+    # lowers the target's noise without changing the field it learns (needs meanflow_guidance_range)
+    meanflow_guidance_mix: float = 0.0
 
 
 @dataclass
@@ -372,6 +375,7 @@ RANGES = {
     "diffusion.meanflow_equal_fraction": "[0, 1]",
     "diffusion.meanflow_logit_std": "(0, inf)",
     "diffusion.meanflow_fd_step": "(0, 0.5)",
+    "diffusion.meanflow_guidance_mix": "[0, 1)",
     "train.seed": "[0, 4294967295]",  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "train.batch_size": "[1, inf)",
     "train.max_steps": "[1, inf)",
@@ -449,6 +453,10 @@ def validate(cfg: Config) -> None:
     if cfg.tokenizer.kind == "pretrained" and not cfg.tokenizer.path:
         raise ConfigError("tokenizer.kind='pretrained' needs tokenizer.path (a folder or a hub id)")
     guidance_range = cfg.diffusion.meanflow_guidance_range
+    if cfg.diffusion.meanflow_guidance_mix and guidance_range is None:
+        raise ConfigError(
+            "diffusion.meanflow_guidance_mix mixes guided targets: it needs diffusion.meanflow_guidance_range"
+        )
     if guidance_range is not None:
         if cfg.diffusion.prediction_type != "meanflow":
             raise ConfigError("diffusion.meanflow_guidance_range needs diffusion.prediction_type=meanflow")

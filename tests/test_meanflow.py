@@ -145,17 +145,18 @@ def meanflow_pipe(tokenizer, vae):
 
 
 @needs_flow_map
-@pytest.mark.parametrize("steps", [1, 2])
-def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_velocity(meanflow_pipe, steps):
+@pytest.mark.parametrize("steps, split", [(1, None), (2, None), (2, [1.0, 0.6])])
+def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_velocity(meanflow_pipe, steps, split):
     pipe = meanflow_pipe
     assert type(pipe.scheduler).__name__ == "FlowMapEulerDiscreteScheduler"
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     prompts = ["a small red circle", "a large blue square"]
-    out = pipe(prompts, guidance_scale=3.0, num_inference_steps=steps, latents=noise, output_type="latent")
+    schedule = {"num_inference_steps": steps} if split is None else {"sigmas": split}  # sigmas: where steps split
+    out = pipe(prompts, guidance_scale=3.0, latents=noise, output_type="latent", **schedule)
     assert out.num_forward_rows == 2 * 2 * steps  # two images, conditional and unconditional rows, per step
     context, mask = pipe.text_context(*pipe.encode_prompt(prompts)[:2])
     null, null_mask = pipe.transformer.null_context("text", 2)
-    sigmas = torch.linspace(1, 0, steps + 1)
+    sigmas = torch.linspace(1, 0, steps + 1) if split is None else torch.tensor([*split, 0.0])
     x = noise.clone()
     with torch.no_grad():  # by hand: z_r = z_t - (t - r) (u_null + w (u_cond - u_null))
         for t, r in zip(sigmas[:-1], sigmas[1:], strict=True):
@@ -163,6 +164,28 @@ def test_few_step_sampling_is_the_flow_map_step_with_guidance_on_the_average_vel
             u_null = pipe.transformer(x, t, null, null_mask, r_timestep=r)
             x = meanflow_step(x, u_null + 3.0 * (u_cond - u_null), t, r)
     assert close_at_scale(out.images, x)
+
+
+@needs_flow_map
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigmas": [0.6, 1.0]}, "decrease strictly"),
+        ({"sigmas": [1.0, 0.0]}, "within"),
+        ({"sigmas": [1.0, 0.5], "num_inference_steps": 3}, "2 entries for num_inference_steps=3"),
+        ({"sigmas": "1.0"}, "list of noise levels"),
+        ({"sigmas": [1.0, float("nan")]}, "finite"),
+    ],
+)
+def test_bad_sigmas_are_one_clear_error(meanflow_pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        meanflow_pipe("a small red circle", output_type="latent", **kwargs)
+
+
+def test_a_scheduler_without_custom_sigmas_refuses_them(pipe):
+    swap_scheduler(pipe, "ddim")
+    with pytest.raises(ValueError, match="DDIMScheduler takes no custom sigmas"):
+        pipe("a small red circle", sigmas=[1.0, 0.5], output_type="latent")
 
 
 @needs_flow_map
@@ -282,6 +305,47 @@ def test_the_guided_training_target_uses_the_models_own_unconditional_prediction
         u_null = model(seen["noisy"], t, null, null_mask)
     expected = u_null + 2.5 * ((noise - latents) - u_null)
     assert close_at_scale(seen["velocity"], expected)
+
+
+def test_kappa_mixing_takes_a_share_of_the_guided_target_from_the_models_own_guided_prediction(tokenizer):
+    from mmdiff.conditioning.guided import forward_with_dropout
+    from mmdiff.data.tokenizer import encode_captions
+    from mmdiff.training.losses import guided_target
+
+    model = make_model(tokenizer, interval_conditioning=True, guidance_embeds=True, timestep_scale=1.0)
+    ids, _ = encode_captions(tokenizer, ["a small red circle", "a large blue square"] * 2, 12)
+    mask = ids != tokenizer.pad_token_id
+    g = torch.Generator().manual_seed(0)
+    noisy, velocity = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0.9, 0.8, 0.6, 0.7])
+    r = torch.tensor([0.9, 0.3, 0.6, 0.2])  # rows 1 and 3 train an interval
+    dropped = torch.tensor([True, False, False, True])
+    w = torch.tensor([1.0, 2.0, 3.0, 1.0])
+
+    def encode(rows):
+        return model.encode_text(ids[rows], mask[rows])
+
+    with torch.no_grad():
+        prediction, order = forward_with_dropout(model, noisy, t, dropped, encode, r, w)
+        plain = guided_target(model, noisy, velocity, t, r, dropped, w, prediction, order, encode)
+        mixed = guided_target(model, noisy, velocity, t, r, dropped, w, prediction, order, encode, mix=0.25)
+        null, null_mask = model.null_context("text", 1)
+        for row in (1, 2):
+            u_null = model(noisy[row : row + 1], t[row : row + 1], null, null_mask)[0]
+            expected = u_null + w[row] * (velocity[row] - u_null)
+            assert close_at_scale(plain[row], expected)
+            context, context_mask = encode(torch.tensor([row]))
+            u_cond = model(noisy[row : row + 1], t[row : row + 1], context, context_mask, r_timestep=t[row : row + 1],
+                           guidance=w[row : row + 1])[0]  # fmt: skip
+            if row == 2:  # r = t: the training forward's own output (rows in `order`)
+                assert close_at_scale(prediction[(order == row).nonzero()[0, 0]], u_cond)
+            assert close_at_scale(mixed[row], 0.75 * expected + 0.25 * u_cond)
+    for row in (0, 3):  # dropped rows: the plain velocity
+        assert torch.equal(plain[row], velocity[row]) and torch.equal(mixed[row], velocity[row])
+    with pytest.raises(ValueError, match="guidance_mix"):
+        MeanFlowSettings(guidance_mix=0.5)  # without a guidance range
+    with pytest.raises(ValueError, match="guidance_mix"):
+        MeanFlowSettings(guidance_range=(1.0, 3.0), guidance_mix=1.0)
 
 
 @pytest.fixture

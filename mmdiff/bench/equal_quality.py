@@ -66,7 +66,8 @@ def _family(row: dict) -> tuple:
 
 def _contender(row: dict) -> Contender:
     interval = tuple(row["interval"]) if row.get("interval") else None
-    return Contender(row["label"], row["model"], row.get("scheduler"), row["steps"], interval, row.get("cache"))
+    sigmas = tuple(row["sigmas"]) if row.get("sigmas") else None
+    return Contender(row["label"], row["model"], row.get("scheduler"), row["steps"], interval, row.get("cache"), sigmas)
 
 
 def bench_equal_quality(preset: BenchPreset, frontier_path: str | Path, device, autocast, tolerance: float = 0.01):
@@ -93,6 +94,7 @@ def bench_equal_quality(preset: BenchPreset, frontier_path: str | Path, device, 
                 return pipe(
                     prompts,
                     num_inference_steps=setting.steps,
+                    sigmas=None if setting.sigmas is None else list(setting.sigmas),
                     guidance_scale=w,
                     guidance_interval=setting.interval,
                     generator=torch.Generator().manual_seed(0),
@@ -130,7 +132,7 @@ def bench_equal_quality(preset: BenchPreset, frontier_path: str | Path, device, 
         record = results[row["label"]]
         record.update({key: row[key] for key in QUALITY_KEYS})
         record["setting"] = {
-            k: row.get(k) for k in ("model", "scheduler", "steps", "interval", "cache", "guidance_scale")
+            k: row.get(k) for k in ("model", "scheduler", "steps", "sigmas", "interval", "cache", "guidance_scale")
         }
         record["vs_reference"] = record["per_s"] / results[REFERENCE]["per_s"]
         record["vs_pixart"] = record["per_s"] / results["pixart 25"]["per_s"]

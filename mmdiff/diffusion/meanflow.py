@@ -31,6 +31,13 @@ gradient, so the model's average velocity is the guided one and one forward per 
 `guidance_range` set, w is drawn per row from that range and given to the model as a conditioning input
 (`guidance_embeds`), as improved MeanFlow (arXiv 2512.02012) does, so the scale can still be swept at sampling time;
 rows whose condition is dropped train at w = 1 on the plain velocity.
+
+The guided target's noise grows with w: v is one sample of the velocity, so v_w carries w times its variance. The
+paper's kappa-mixing (`guidance_mix`, kappa in [0, 1)) replaces a fraction kappa of v_w by the model's own guided
+conditional prediction u(z_t, t, t | c, w) without gradient: target velocity (1 - kappa) v_w + kappa u_c. At the fixed
+point u_c is the guided field itself, so the field learned is unchanged and the sample noise in the target shrinks by
+(1 - kappa); the conditional rows with r = t reuse the training forward's output for u_c, the others take one more
+forward without gradient.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class MeanFlowSettings:
     adaptive_power: float = 1.0
     adaptive_eps: float = 1e-3
     guidance_range: tuple[float, float] | None = None  # (w_min, w_max): guided targets, w a conditioning input
+    guidance_mix: float = 0.0  # kappa: the share of the guided target taken from the model's own prediction
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.equal_fraction <= 1.0:
@@ -78,6 +86,10 @@ class MeanFlowSettings:
             raise ValueError(f"meanflow logit_std must be > 0, got {self.logit_std}")
         if self.adaptive_power < 0 or not self.adaptive_eps > 0:
             raise ValueError("meanflow adaptive_power must be >= 0 and adaptive_eps > 0")
+        if not 0.0 <= self.guidance_mix < 1.0:
+            raise ValueError(f"meanflow guidance_mix must lie in [0, 1), got {self.guidance_mix}")
+        if self.guidance_mix and self.guidance_range is None:
+            raise ValueError("meanflow guidance_mix mixes guided targets: it needs guidance_range")
         if self.guidance_range is not None:
             low, high = self.guidance_range
             if not 1.0 <= low <= high:

@@ -146,6 +146,7 @@ def make_image_process(diffusion) -> GaussianProcess | FlowProcess | MeanFlowPro
                 equal_fraction=get("meanflow_equal_fraction", 0.75),
                 fd_step=get("meanflow_fd_step", 5e-3),
                 guidance_range=tuple(get("meanflow_guidance_range")) if get("meanflow_guidance_range") else None,
+                guidance_mix=get("meanflow_guidance_mix", 0.0),
             ),
             shift=get("flow_shift", 1.0),
         )

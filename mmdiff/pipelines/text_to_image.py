@@ -20,7 +20,8 @@ from ..diffusion.gaussian import timestep_to_t
 from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
-from .schedulers import check_scheduler_fits, is_flow_map
+from .prompts import as_prompt_list, check_embeds, pad_context, repeat_rows
+from .schedulers import check_scheduler_fits, is_flow_map, set_schedule
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NON_FINITE = (
@@ -76,6 +77,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_rescale: float = 0.0,
@@ -100,6 +102,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
 
         num_inference_steps, guidance_scale: unset, the pipeline's `sample_config` applies (a folder's saved
             `sample.num_inference_steps` / `sample.guidance_scale`).
+        sigmas: the noise levels the steps start from, decreasing in (0, 1] (the last step ends at 0), instead of the
+            scheduler's spacing of `num_inference_steps`, for the schedulers that take them (flow Euler and the
+            flow-map scheduler): where a few-step model's steps split the path.
         prompt: a caption or a list; None or "" samples unconditionally (the learned null context).
         negative_prompt: replaces the null context as the unconditional branch (one, or one per prompt).
         guidance_interval: (t_low, t_high) in [0, 1]; outside it only the conditional pass runs.
@@ -134,6 +139,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             negative_prompt=negative_prompt,
             spec=spec,
             num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
             num_images_per_prompt=num_images_per_prompt,
             height=height,
             width=width,
@@ -157,6 +163,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         guidance_scales: Sequence[float],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_rescale: float = 0.0,
         num_images_per_prompt: int = 1,
@@ -191,6 +198,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
             negative_prompt=negative_prompt,
             spec=spec,
             num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
             num_images_per_prompt=num_images_per_prompt,
             height=height,
             width=width,
@@ -331,6 +339,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         spec: GuidanceSpec,
         num_inference_steps: int | None,
         num_images_per_prompt: int,
+        sigmas: list[float] | None = None,
         height: int | None,
         width: int | None,
         generator: torch.Generator | list[torch.Generator] | None,
@@ -346,7 +355,9 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         holding scale s, and the transformer rows that ran.
         """
         # 1. check inputs
-        if num_inference_steps is None:
+        if sigmas is not None:
+            num_inference_steps = len(set_schedule(self.scheduler, num_inference_steps, sigmas))
+        elif num_inference_steps is None:
             num_inference_steps = self.sample_config.num_inference_steps
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
@@ -402,7 +413,7 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         elif not torch.isfinite(latents).all():
             raise ValueError("latents must be finite: they hold NaN or inf")
         check_scheduler_fits(self.scheduler, self.objective_family)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_schedule(self.scheduler, num_inference_steps, sigmas, device)
         latents = latents.to(device=device, dtype=self.transformer.dtype).repeat(s, 1, 1, 1)
         latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
         num_train = self.scheduler.config.num_train_timesteps
@@ -451,49 +462,3 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
     def _step_kwargs(self, generator) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepted else {}
-
-
-def as_prompt_list(prompt: str | list[str] | None, batch: int | None = None, name: str = "prompt") -> list[str]:
-    """None -> [""] * batch (unconditional), a string -> [prompt] * batch, a non-empty list of strings as is; with
-    `batch` given, a list must have exactly `batch` entries."""
-    if prompt is None:
-        return [""] * (batch or 1)
-    if isinstance(prompt, str):
-        return [prompt] * (batch or 1)
-    if not isinstance(prompt, list | tuple) or not all(isinstance(p, str) for p in prompt):
-        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError(f"{name} is an empty list; pass None or '' for unconditional samples")
-    if batch is not None and len(prompt) != batch:
-        raise ValueError(f"{name} has {len(prompt)} entries for {batch} prompts")
-    return list(prompt)
-
-
-def check_embeds(name: str, embeds: object, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Given text-encoder outputs: a finite float (B, S, E) tensor and a (B, S) mask (all ones when not given)."""
-    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.ndim != 3:
-        shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-        raise ValueError(f"{name} must be a float tensor (batch, tokens, width), got {shape}")
-    if not torch.isfinite(embeds).all():
-        raise ValueError(f"{name} must be finite: it holds NaN or inf")
-    if mask is None:
-        return embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"the attention mask of {name} must have shape {tuple(embeds.shape[:2])}, got {shape}")
-    return embeds, mask.bool()
-
-
-def repeat_rows(embeds: torch.Tensor, mask: torch.Tensor, times: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row `times` times in a row (prompt i's images are rows i*times..(i+1)*times-1)."""
-    if times == 1:
-        return embeds, mask
-    return embeds.repeat_interleave(times, dim=0), mask.repeat_interleave(times, dim=0)
-
-
-def pad_context(context: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a context (N, S, D) and its key mask (N, S) to `length` with masked-out zeros."""
-    pad = length - context.shape[1]
-    if pad <= 0:
-        return context, mask
-    return torch.nn.functional.pad(context, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad), value=False)

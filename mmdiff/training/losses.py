@@ -61,10 +61,9 @@ def image_task_loss(
         # per-row w for a guidance-conditioned model, else None
         guidance = process.training_guidance(dropped, generator)
         prediction, order = forward_with_dropout(model, noisy, t, dropped, encode_once, r, guidance)
-        if guidance is not None:  # the guided field: the unconditional term is the model's own (r = t, w = 1)
-            with torch.no_grad():
-                null, null_mask = model.null_context("text", noisy.shape[0])
-                target = guided_velocity(target, model(noisy, t, null, null_mask), guidance)
+        if guidance is not None:
+            mix = process.settings.guidance_mix
+            target = guided_target(model, noisy, target, t, r, dropped, guidance, prediction, order, encode_once, mix)
 
         def u_fn(z: torch.Tensor, r_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
             return forward_with_dropout(model, z, t_, dropped, encode_once, r_, guidance)[0]
@@ -74,6 +73,50 @@ def image_task_loss(
     if process is None:
         return image_loss(prediction, target if order is None else target[order])
     return process.loss(prediction, target, extra, order)
+
+
+@torch.no_grad()
+def guided_target(
+    model: MMDiffTransformer2DModel,
+    noisy: torch.Tensor,
+    velocity: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    dropped: torch.Tensor,
+    guidance: torch.Tensor,
+    prediction: torch.Tensor,
+    order: torch.Tensor | None,
+    encode: Callable[[torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    mix: float = 0.0,
+) -> torch.Tensor:
+    """The guided instantaneous velocity MeanFlow's identity averages, per row in input order (`mmdiff.diffusion.
+    meanflow`, "Guidance"): u_null + w (v - u_null) on the conditional rows, u_null the model's own r = t, w = 1
+    prediction on the null context; with `mix` (kappa) a share kappa of it is the model's own guided prediction
+    u(z_t, t, t | c, w). Dropped rows keep the plain velocity and cost no forward.
+
+    `prediction`/`order`: the training forward's output and its row order, reused as u_c where r = t. `encode` returns
+    the context of the conditional rows in input order (the training forward encoded them once).
+    """
+    kept = (~dropped).nonzero().squeeze(1)
+    if kept.numel() == 0:
+        return velocity
+    null, null_mask = model.null_context("text", kept.numel())
+    u_null = model(noisy[kept], t[kept], null, null_mask)
+    guided = guided_velocity(velocity[kept], u_null, guidance[kept])
+    if mix:
+        u_cond = prediction.detach()
+        if order is not None:  # back to input order
+            u_cond = torch.empty_like(u_cond).index_copy_(0, order, u_cond)
+        u_cond = u_cond[kept].clone()
+        interval = (r[kept] != t[kept]).nonzero().squeeze(1)
+        if interval.numel():
+            context, mask = encode(kept)
+            rows = kept[interval]
+            u_cond[interval] = model(
+                noisy[rows], t[rows], context[interval], mask[interval], r_timestep=t[rows], guidance=guidance[rows]
+            ).to(u_cond.dtype)
+        guided = torch.lerp(guided.float(), u_cond.float(), mix).to(velocity.dtype)
+    return velocity.index_copy(0, kept, guided.to(velocity.dtype))
 
 
 def joint_losses(

@@ -36,6 +36,7 @@ class Contender:
     steps: int
     interval: tuple[float, float] | None = None
     cache: str | None = None  # a key of CACHES
+    sigmas: tuple[float, ...] | None = None  # where the steps split the path (None: the scheduler's spacing)
 
 
 CONTENDERS = [
@@ -51,6 +52,7 @@ CONTENDERS = [
     Contender("flow UniPC 8", "flow", "unipc", 8),
     Contender("MeanFlow 4 steps", "few-step", None, 4),
     Contender("MeanFlow 2 steps", "few-step", None, 2),
+    Contender("MeanFlow 2 steps, split 0.6", "few-step", None, 2, sigmas=(1.0, 0.6)),
     Contender("MeanFlow 1 step", "few-step", None, 1),
 ]
 
@@ -83,6 +85,7 @@ def generate(pipe, prompts: list[str], contender: Contender, w: float, batch_siz
             chunk,
             guidance_scale=w,
             num_inference_steps=contender.steps,
+            sigmas=None if contender.sigmas is None else list(contender.sigmas),
             guidance_interval=contender.interval,
             generator=[torch.Generator().manual_seed(first + i) for i in range(len(chunk))],
         )
