@@ -120,31 +120,20 @@ def swap_scheduler(pipe, name: str):
     return pipe
 
 
-def set_schedule(
-    scheduler: SchedulerMixin, num_inference_steps: int | None, sigmas=None, device=None
-) -> list[float] | None:
-    """`scheduler.set_timesteps` with the default spacing of `num_inference_steps`, or with custom `sigmas` (as
-    diffusers' pipelines take them; the scheduler applies its shift on top and ends the last step at 0): checked to
-    be decreasing numbers in (0, 1], as many as `num_inference_steps` when both are given, for a scheduler whose
-    `set_timesteps` takes them (else a ValueError). Returns the sigmas.
-    With `device` None only the checks run."""
-    if sigmas is not None:
-        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise ValueError(
-                f"{type(scheduler).__name__} takes no custom sigmas: pass num_inference_steps, or use a scheduler "
-                "that does (flow_euler, or a few-step model's FlowMapEulerDiscreteScheduler)"
-            )
-        if isinstance(sigmas, str) or not isinstance(sigmas, list | tuple) or not sigmas:
-            raise ValueError(f"sigmas must be a non-empty list of noise levels, e.g. [1.0, 0.6], got {sigmas!r}")
-        values = [check_number("sigmas", s, 0.0) for s in sigmas]
-        if not all(0.0 < s <= 1.0 for s in values) or any(a <= b for a, b in zip(values, values[1:], strict=False)):
-            raise ValueError(f"sigmas must decrease strictly within (0, 1], got {list(sigmas)}")
-        if num_inference_steps is not None and num_inference_steps != len(values):
-            raise ValueError(f"sigmas has {len(values)} entries for num_inference_steps={num_inference_steps}")
-        sigmas = values
-    if device is not None:
-        if sigmas is None:
-            scheduler.set_timesteps(num_inference_steps, device=device)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=device)
-    return sigmas
+def check_sigmas(scheduler: SchedulerMixin, sigmas, num_inference_steps: int | None) -> list[float]:
+    """Custom `sigmas` for `scheduler.set_timesteps` (as diffusers' pipelines take them; the scheduler applies its
+    shift on top and ends the last step at 0) as floats: decreasing numbers in (0, 1], as many as
+    `num_inference_steps` when it is given, for a scheduler whose `set_timesteps` takes them; else a ValueError."""
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(
+            f"{type(scheduler).__name__} takes no custom sigmas: pass num_inference_steps, or use a scheduler "
+            "that does (flow_euler, or a few-step model's FlowMapEulerDiscreteScheduler)"
+        )
+    if isinstance(sigmas, str) or not isinstance(sigmas, list | tuple) or not sigmas:
+        raise ValueError(f"sigmas must be a non-empty list of noise levels, e.g. [1.0, 0.6], got {sigmas!r}")
+    values = [check_number("sigmas", s, 0.0) for s in sigmas]
+    if not all(0.0 < s <= 1.0 for s in values) or any(a <= b for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"sigmas must decrease strictly within (0, 1], got {list(sigmas)}")
+    if num_inference_steps is not None and num_inference_steps != len(values):
+        raise ValueError(f"sigmas has {len(values)} entries for num_inference_steps={num_inference_steps}")
+    return values

@@ -21,7 +21,7 @@ from ..models.transformer import trim_padding
 from ..models.vae import decode_latents, vae_downsample_factor
 from .common import MMDiffPipelineBase, check_guidance, guidance_spec, per_sample_generators
 from .prompts import as_prompt_list, check_embeds, pad_context, repeat_rows
-from .schedulers import check_scheduler_fits, is_flow_map, set_schedule
+from .schedulers import check_scheduler_fits, check_sigmas, is_flow_map
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NON_FINITE = (
@@ -356,7 +356,8 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         """
         # 1. check inputs
         if sigmas is not None:
-            num_inference_steps = len(set_schedule(self.scheduler, num_inference_steps, sigmas))
+            sigmas = check_sigmas(self.scheduler, sigmas, num_inference_steps)
+            num_inference_steps = len(sigmas)
         elif num_inference_steps is None:
             num_inference_steps = self.sample_config.num_inference_steps
         height = self.image_size if height is None else height
@@ -413,7 +414,10 @@ class MMDiffTextToImagePipeline(MMDiffPipelineBase):
         elif not torch.isfinite(latents).all():
             raise ValueError("latents must be finite: they hold NaN or inf")
         check_scheduler_fits(self.scheduler, self.objective_family)
-        set_schedule(self.scheduler, num_inference_steps, sigmas, device)
+        if sigmas is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         latents = latents.to(device=device, dtype=self.transformer.dtype).repeat(s, 1, 1, 1)
         latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at unit noise
         num_train = self.scheduler.config.num_train_timesteps
